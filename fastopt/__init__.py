@@ -1,0 +1,6 @@
+__version__ = "0.0.1"
+
+from .core import *
+from .adam import *
+from .rectified import *
+from .layerwise import *
