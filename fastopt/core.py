@@ -64,7 +64,7 @@ def _check_params(params:L):
         if id(p) in seen: raise ValueError(f"a parameter of shape {tuple(p.shape)} appears more than once; each parameter must be in exactly one group, once")
         seen.add(id(p))
 
-# %% ../nbs/00_core.ipynb #6193ce64
+# %% ../nbs/00_core.ipynb #332676f4
 class Optimizer(fastai.optimizer.Optimizer):
     "fastai's `Optimizer` with validated hypers, torch.optim's input checks, and one place that decides how a group steps"
     def __init__(self,
@@ -75,6 +75,13 @@ class Optimizer(fastai.optimizer.Optimizer):
         params = L(params)
         _check_params(params)
         super().__init__(params, cbs, **defaults)
+
+    def set_hyper(self, k, v):
+        "Set hyper `k` to `v` in every group (a list: one value per group; a `slice`: spread), after checking it"
+        if isinstance(v, slice):
+            for end in (v.start, v.stop):
+                if end is not None: check_hyper(k, end)
+        super().set_hyper(k, v)
 
     def _set_hyper(self, k, v):
         for v_ in v: check_hyper(k, v_)

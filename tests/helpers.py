@@ -52,5 +52,5 @@ def max_rel_err(a, b):
     "Largest elementwise |a-b| / max(|b|, 1e-300) over all parameters"
     return max(((a[k] - b[k]).abs() / b[k].abs().clamp_min(1e-300)).max().item() for k in a)
 
-def assert_params_close(a, b, rtol=1e-10, atol=1e-12):
+def assert_params_close(a, b, rtol=1e-12, atol=1e-12):
     for k in a: torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"parameter {k!r}: {m}")
