@@ -32,7 +32,7 @@ def rectifier(
     rho = torch.where(on, rho, rho_inf)
     return on, ((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)).sqrt()
 
-# %% ../nbs/02_rectified.ipynb #dbd88f94
+# %% ../nbs/02_rectified.ipynb #035b54d5
 def plot_rectifier(
     sqr_mom:float=0.999, # β2
     length:int=1000, # Plot steps 1 to `length` - 1
@@ -45,6 +45,7 @@ def plot_rectifier(
     rho = rho_inf - 2 * t * sqr_mom**t / (1 - sqr_mom**t)
     fig,axs = plt.subplots(1, 2, figsize=(10, 4))
     axs[0].plot(t, torch.where(on, 1 / r**2, -1.), marker='o', markersize=2)
+    axs[0].set_yscale('symlog')
     axs[0].set(xlabel='step t', ylabel='r = 1/r_t² (-1: not rectified)', title=f'Rectifier, β2 = {sqr_mom}, ρ_min = {rho_min:g}')
     axs[1].plot(t, rho, label='ρ_t')
     axs[1].axhline(rho_inf, color='C1', linestyle='--', label=f'ρ∞ = {rho_inf:g}')
