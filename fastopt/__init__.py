@@ -4,3 +4,6 @@ from .core import *
 from .adam import *
 from .rectified import *
 from .layerwise import *
+from .centralization import *
+from .scale_invariant import *
+from .ratio import *

@@ -14,11 +14,10 @@ from .core import *
 # %% auto #0
 __all__ = ['adam_step', 'Adam', 'max_sqr_avg_stat', 'amsgrad_step', 'AMSGrad']
 
-# %% ../nbs/01_adam.ipynb #0ecda4cd
+# %% ../nbs/01_adam.ipynb #067bac26
 def adam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, **kwargs):
     "Move `p` by `lr` times the bias-corrected `grad_avg` over `adam_denom`"
-    update = grad_avg / adam_denom(sqr_avg, sqr_mom, step, eps)
-    p.data.sub_(update.mul_(lr / bias_correction(mom, step)))
+    debiased_step(p, lr, mom, step, grad_avg, adam_denom(sqr_avg, sqr_mom, step, eps))
 
 adam_step.defaults = dict(eps=1e-5)
 
@@ -42,10 +41,10 @@ def max_sqr_avg_stat(p, sqr_avg, max_sqr_avg=None, **kwargs):
     if max_sqr_avg is None: max_sqr_avg = torch.zeros_like(sqr_avg)
     return {'max_sqr_avg': torch.maximum(max_sqr_avg, sqr_avg, out=max_sqr_avg)}
 
-# %% ../nbs/01_adam.ipynb #18a726b3
-def amsgrad_step(p, sqr_avg, max_sqr_avg, **kwargs):
+# %% ../nbs/01_adam.ipynb #25275682
+def amsgrad_step(p, lr, mom, sqr_mom, step, grad_avg, max_sqr_avg, eps, **kwargs):
     "Adam's step with `max_sqr_avg` in place of `sqr_avg`"
-    adam_step(p, sqr_avg=max_sqr_avg, **kwargs)
+    adam_step(p, lr, mom, sqr_mom, step, grad_avg, max_sqr_avg, eps)
 
 amsgrad_step.defaults = dict(eps=1e-5)
 

@@ -21,7 +21,7 @@ from fastai.torch_core import params, set_seed
 from fastai.callback.schedule import fit_one_cycle
 
 # %% auto #0
-__all__ = ['digits_lrs', 'digits_dls', 'digits_model', 'digits_splitter', 'digits_learner']
+__all__ = ['digits_hypers', 'digits_dls', 'digits_model', 'digits_splitter', 'digits_learner']
 
 # %% ../nbs/80_digits.ipynb #1295576c
 def digits_dls(
@@ -62,5 +62,9 @@ def digits_learner(
     return Learner(digits_dls(), digits_model(), loss_func=CrossEntropyLossFlat(), opt_func=opt_func,
                    metrics=accuracy, splitter=digits_splitter, **kwargs)
 
-# %% ../nbs/80_digits.ipynb #d9325a5d
-digits_lrs = dict(Adam=3e-2, AMSGrad=3e-2, RAdam=3e-2, Lamb=3e-2)
+# %% ../nbs/80_digits.ipynb #af9d8121
+digits_hypers = dict(
+    Adam=dict(lr=3e-2), AMSGrad=dict(lr=3e-2), RAdam=dict(lr=1e-1), Lamb=dict(lr=3e-2),
+    SAdam=dict(lr=3e-2), SRAdam=dict(lr=1e-1), AdamGC=dict(lr=1e-1), StableAdam=dict(lr=3e-2), AdamAWD=dict(lr=3e-2),
+    UM=dict(lr=1e-2), PreLamb=dict(lr=1e-1), DuvAdam=dict(lr=3.), SUAdam=dict(lr=0.3), BAdam=dict(lr=4., beta=5.),
+)

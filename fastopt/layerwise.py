@@ -1,4 +1,4 @@
-"""LAMB, a drop-in for fastai's `Lamb`: Adam's direction, with each tensor's step scaled to its own size by a trust ratio.
+"""LAMB (a drop-in for fastai's `Lamb`), PreLamb and UM: optimizers that size each tensor's step by a norm taken over the whole tensor.
 
 Docs: https://fastopt.github.io/fastopt/layerwise.html.md"""
 
@@ -14,7 +14,7 @@ from torch import Tensor
 from .core import *
 
 # %% auto #0
-__all__ = ['trust_ratio', 'lamb_step', 'Lamb']
+__all__ = ['trust_ratio', 'lamb_step', 'Lamb', 'unit_momentum_step', 'UM', 'scale_grad_to_weight', 'momentum_step', 'PreLamb']
 
 # %% ../nbs/03_layerwise.ipynb #f058bf88
 def trust_ratio(
@@ -26,7 +26,7 @@ def trust_ratio(
     p_norm,u_norm = torch.linalg.vector_norm(p),torch.linalg.vector_norm(update)
     return torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, 1.).clamp_max(trust_clip)
 
-# %% ../nbs/03_layerwise.ipynb #f8e28d0e
+# %% ../nbs/03_layerwise.ipynb #be9d8943
 def lamb_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, trust_clip, wd=0., do_wd=True, trust_wd=False, **kwargs):
     "Move `p` by LAMB's step: Adam's direction scaled by `trust_ratio` (with λp inside it if `trust_wd`)"
     update = grad_avg / adam_denom(sqr_avg, sqr_mom, step, eps)
@@ -35,11 +35,9 @@ def lamb_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, trust_clip, wd=
     p.data.sub_(update.mul_(lr * trust_ratio(p.data, update, trust_clip)))
 
 lamb_step.defaults = dict(eps=1e-5, trust_clip=10.)
+lamb_step.hyper_rules = dict(trust_clip=(lambda v: 0 < real(v), 'trust_clip > 0, or None for no cap'))
 
-# %% ../nbs/03_layerwise.ipynb #1949d4ac
-hyper_rules.update(trust_clip=(lambda v: v > 0, 'trust_clip > 0, or None for no cap'))
-
-# %% ../nbs/03_layerwise.ipynb #a5fb29b3
+# %% ../nbs/03_layerwise.ipynb #d6a0dd2b
 def Lamb(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate (a `slice` spreads it over the groups)
@@ -58,3 +56,43 @@ def Lamb(
     cbs += [*adam_stats, partial(lamb_step, trust_wd=trust_wd)]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd,
                      trust_clip=math.inf if trust_clip is None else trust_clip)
+
+# %% ../nbs/03_layerwise.ipynb #d6036049
+def unit_momentum_step(p, lr, mom, step, grad_avg, **kwargs):
+    "Move `p` by η along m̂_t scaled to unit RMS; no move where m̂_t is all zero"
+    size = rms(grad_avg) / bias_correction(mom, step)
+    debiased_step(p, lr, mom, step, grad_avg, torch.where(size > 0, size, 1.))
+
+# %% ../nbs/03_layerwise.ipynb #50a99942
+def UM(
+    params:Tensor|Iterable, # Parameters, or a list of parameter groups
+    lr:float|slice, # Learning rate: the RMS of every tensor's step
+    mom:float=0.9, # β, the gradient average coefficient
+    wd:float=0., # λ, weight decay
+    decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
+) -> Optimizer:
+    "UM: bias-corrected momentum, normalized to unit RMS per tensor"
+    cbs = [weight_decay_cb(decouple_wd), *momentum_stats, unit_momentum_step]
+    return Optimizer(params, cbs, lr=lr, mom=mom, wd=wd)
+
+# %% ../nbs/03_layerwise.ipynb #bd6bf7a6
+def scale_grad_to_weight(p, **kwargs):
+    "Rescale the gradient in place to the weight's RMS: g ← g·RMS(p)/RMS(g), unchanged where either is 0"
+    p.grad.mul_(trust_ratio(p.data, p.grad, math.inf))
+
+# %% ../nbs/03_layerwise.ipynb #06ff9cee
+def momentum_step(p, lr, mom, step, grad_avg, **kwargs):
+    "Move `p` by the bias-corrected momentum: p ← p - η·m̂_t"
+    debiased_step(p, lr, mom, step, grad_avg)
+
+# %% ../nbs/03_layerwise.ipynb #cc95f5c1
+def PreLamb(
+    params:Tensor|Iterable, # Parameters, or a list of parameter groups
+    lr:float|slice, # Learning rate
+    mom:float=0.9, # β, the gradient average coefficient
+    wd:float=0., # λ, weight decay
+    decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
+) -> Optimizer:
+    "PreLamb: bias-corrected momentum of gradients rescaled to the weight's RMS"
+    cbs = [weight_decay_cb(decouple_wd), scale_grad_to_weight, *momentum_stats, momentum_step]
+    return Optimizer(params, cbs, lr=lr, mom=mom, wd=wd)

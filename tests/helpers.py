@@ -5,13 +5,14 @@ N_STEPS = 60
 SKIP_EVERY = 3  # parameter 'sometimes' has no gradient on every third step
 
 def make_params():
-    "Fresh float64 parameters: a matrix, an all-zero vector, a bias (do_wd=False), one that sometimes has no grad"
+    "Fresh float64 parameters: a matrix, an all-zero vector, a bias (do_wd=False), one that sometimes has no grad, a conv weight"
     g = torch.Generator().manual_seed(0)
     return dict(
         matrix    = torch.randn(4, 3, generator=g, dtype=torch.float64),
         zero      = torch.zeros(5, dtype=torch.float64),
         bias      = torch.randn(3, generator=g, dtype=torch.float64),
         sometimes = torch.randn(2, 2, generator=g, dtype=torch.float64),
+        conv      = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64),
     )
 
 NO_WD = {'bias'}

@@ -1,31 +1,44 @@
 "Bad input fails at construction (or when a hyper is set) with a message naming the value."
-import math
+import inspect, math, re
 import pytest
 import torch
 import fastopt
 
 def params(): return [torch.nn.Parameter(torch.randn(3))]
 
-BUILDERS = [fastopt.Adam, fastopt.AMSGrad, fastopt.RAdam, fastopt.Lamb]
-COMMON_BAD = [('lr', -1e-3), ('lr', math.nan), ('lr', math.inf), ('mom', 1.5), ('mom', 1.0), ('mom', -0.1),
-              ('sqr_mom', 1.0), ('sqr_mom', math.nan), ('eps', -1e-8), ('wd', -0.01)]
+NAMES = ['Adam', 'AMSGrad', 'RAdam', 'Lamb', 'SAdam', 'SRAdam', 'AdamGC', 'StableAdam', 'AdamAWD', 'UM', 'PreLamb',
+         'DuvAdam', 'SUAdam', 'BAdam']
+BAD = dict(lr=[-1e-3, math.nan, math.inf, '0.1'], mom=[1.5, 1.0, -0.1, math.nan], sqr_mom=[1.0, -0.5, math.nan],
+           eps=[-1e-8, math.nan], wd=[-0.01, math.inf], beta=[-1., math.nan], rho_min=[3.9, math.nan],
+           trust_clip=[0., -1.], gc_conv_only=[1, 'yes', None], ratio_clip=[0., -5., math.nan])
+CASES = [(n, k, v) for n in NAMES for k,vs in BAD.items() if k in inspect.signature(getattr(fastopt, n)).parameters for v in vs]
 
-@pytest.mark.parametrize('builder', BUILDERS, ids=lambda b: b.__name__)
-@pytest.mark.parametrize('name,value', COMMON_BAD)
-def test_common_hypers(builder, name, value):
-    kw = {'lr': 1e-3, name: value}
-    with pytest.raises(ValueError, match=f"Invalid {name}: {value!r}"): builder(params(), **kw)
+@pytest.mark.parametrize('name,hyper,value', CASES, ids=[f'{n}-{k}-{v!r}' for n,k,v in CASES])
+def test_bad_hyper(name, hyper, value):
+    "Every builder rejects every bad value of every hyper it takes, naming both"
+    with pytest.raises(ValueError, match=re.escape(f"Invalid {hyper}: {value!r}")):
+        getattr(fastopt, name)(params(), **{'lr': 1e-3, hyper: value})
 
-@pytest.mark.parametrize('builder,name,value', [
-    (fastopt.RAdam, 'beta', -1.), (fastopt.RAdam, 'rho_min', 3.9), (fastopt.RAdam, 'rho_min', math.nan),
-    (fastopt.Lamb, 'trust_clip', 0.), (fastopt.Lamb, 'trust_clip', -1.)])
-def test_own_hypers(builder, name, value):
-    with pytest.raises(ValueError, match=f"Invalid {name}: {value!r}"): builder(params(), lr=1e-3, **{name: value})
+def test_every_builder_is_covered():
+    assert len({n for n,_,_ in CASES}) == len(NAMES) and len(CASES) > 100
+
+@pytest.mark.parametrize('name', ['SAdam', 'SRAdam', 'BAdam'])
+def test_softplus_optimizers_need_positive_beta(name):
+    "RAdam's beta may be 0 (no softplus); these have no eps, so the softplus cannot be turned off"
+    with pytest.raises(ValueError, match="Invalid beta: 0.0"): getattr(fastopt, name)(params(), lr=1e-3, beta=0.)
+    fastopt.RAdam(params(), lr=1e-3, beta=0.)
 
 def test_valid_edges_are_accepted():
     fastopt.Adam(params(), lr=0., mom=0., sqr_mom=0., eps=0., wd=0.)
     fastopt.RAdam(params(), lr=1e-3, rho_min=4., beta=0.)
     fastopt.Lamb(params(), lr=1e-3, trust_clip=None)
+    fastopt.AdamGC(params(), lr=1e-3, gc_conv_only=False)
+
+def test_hyper_no_callback_reads_is_refused():
+    "AdamAWD has no weight decay (its rescaling is one): a wd would be silently ignored, so it is an error"
+    opt = fastopt.AdamAWD(params(), lr=1e-3)
+    with pytest.raises(ValueError, match="Invalid hyper: 'wd'"): opt.set_hypers(wd=0.1)
+    with pytest.raises(ValueError, match="Invalid hyper: 'sqr_mom'"): fastopt.UM(params(), lr=1e-3).set_hyper('sqr_mom', 0.99)
 
 def test_bool_is_not_a_number():
     with pytest.raises(ValueError, match="Invalid wd: True"): fastopt.Adam(params(), lr=1e-3, wd=True)
