@@ -7,3 +7,4 @@ from .layerwise import *
 from .centralization import *
 from .scale_invariant import *
 from .ratio import *
+from .fastai_optimizers import *

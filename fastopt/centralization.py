@@ -25,7 +25,7 @@ centralize_grad.defaults = dict(gc_conv_only=True)
 centralize_grad.hyper_rules = dict(gc_conv_only=(lambda v: isinstance(v, bool), 'True or False'))
 static_hypers.add('gc_conv_only')
 
-# %% ../nbs/04_centralization.ipynb #8ca4767f
+# %% ../nbs/04_centralization.ipynb #575f7d98
 def AdamGC(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate (a `slice` spreads it over the groups)
@@ -35,10 +35,11 @@ def AdamGC(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     gc_conv_only:bool=True, # Centralize only 4-D (conv) gradients; False: every tensor with 2 or more dims
+    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
 ) -> Optimizer:
     "AdamGC: Adam on centralized gradients"
     cbs = [centralize_grad, weight_decay_cb(decouple_wd), *adam_stats, adam_step]
-    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, gc_conv_only=gc_conv_only)
+    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, gc_conv_only=gc_conv_only)
 
 # %% ../nbs/04_centralization.ipynb #b51dc43f
 def centralized(
