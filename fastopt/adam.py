@@ -21,7 +21,7 @@ def adam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, **kwargs):
 
 adam_step.defaults = dict(eps=1e-5)
 
-# %% ../nbs/01_adam.ipynb #e431c24e
+# %% ../nbs/01_adam.ipynb #4e30a014
 def Adam(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate (a `slice` spreads it over the groups)
@@ -30,7 +30,7 @@ def Adam(
     eps:float=1e-5, # ε, added to the denominator
     wd:float=0.01, # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay (AdamW) or L2 regularization (Adam)
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "Adam or AdamW: fastai's `Adam`, with the same signature, defaults and steps"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, adam_step]
@@ -49,7 +49,7 @@ def amsgrad_step(p, lr, mom, sqr_mom, step, grad_avg, max_sqr_avg, eps, **kwargs
 
 amsgrad_step.defaults = dict(eps=1e-5)
 
-# %% ../nbs/01_adam.ipynb #84a9c701
+# %% ../nbs/01_adam.ipynb #0b9b9eb1
 def AMSGrad(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate (a `slice` spreads it over the groups)
@@ -58,7 +58,7 @@ def AMSGrad(
     eps:float=1e-5, # ε, added to the denominator
     wd:float=0.01, # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay (AdamW) or L2 regularization (Adam)
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "AMSGrad: Adam dividing by the running maximum of the second moment"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, max_sqr_avg_stat, amsgrad_step]

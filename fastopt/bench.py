@@ -61,7 +61,7 @@ def state_tensors_per_param(opt, params) -> float:
     n = sum(p.numel() for p in params)
     return sum(v.numel() for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.shape == p.shape) / n
 
-# %% ../nbs/95_bench.ipynb #92576358
+# %% ../nbs/95_bench.ipynb #59d44ca1
 bench_optimizers = ['Adam', 'AMSGrad', 'RAdam', 'SAdam', 'SRAdam', 'AdamGC', 'DuvAdam', 'Lamb', 'StableAdam', 'AdamAWD', 'UM',
                     'PreLamb', 'SUAdam', 'BAdam', 'SGD', 'RMSProp', 'QHAdam', 'Larc']
 _fastai_names = {'Adam', 'RAdam', 'Lamb', 'SGD', 'RMSProp', 'QHAdam', 'Larc'}
@@ -73,6 +73,7 @@ def bench(
     steps:int=20, # Timed steps per fused optimizer (and for torch's AdamW)
     eager_steps:int=5, # Timed steps per eager optimizer
     shapes:dict|None=None, # Extra parameter sets {name: shapes}, for small runs
+    log:bool=False, # Print each row as it is measured (a full run takes tens of minutes)
 ) -> pd.DataFrame:
     "Time each optimizer's step on each parameter set: fastopt fused and eager, fastai's, torch's fused AdamW, the floor"
     sets = {**{k: param_sets[k]() for k in (list(param_sets) if sets is None else sets)}, **(shapes or {})}
@@ -108,4 +109,6 @@ def bench(
                              torch_adamw_fused_ms=torch_ms, floor_ms=floor_ms, fused_vs_torch=fused_ms / torch_ms,
                              eager_vs_fused=eager_ms / fused_ms, fused_vs_floor=fused_ms / floor_ms, compile_s=compile_s,
                              state_bytes_per_param=4 * n_state))
+            if log: print(f"{set_name} {name}: fused {fused_ms:.2f} ms, eager {eager_ms:.2f} ms, fastai {fastai_ms:.2f} ms, "
+                          f"torch AdamW fused {torch_ms:.2f} ms, floor {floor_ms:.2f} ms, compile {compile_s:.1f} s", flush=True)
     return pd.DataFrame(rows)

@@ -25,7 +25,7 @@ centralize_grad.defaults = dict(gc_conv_only=True)
 centralize_grad.hyper_rules = dict(gc_conv_only=(lambda v: isinstance(v, bool), 'True or False'))
 static_hypers.add('gc_conv_only')
 
-# %% ../nbs/04_centralization.ipynb #575f7d98
+# %% ../nbs/04_centralization.ipynb #1dd51eb8
 def AdamGC(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate (a `slice` spreads it over the groups)
@@ -35,7 +35,7 @@ def AdamGC(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     gc_conv_only:bool=True, # Centralize only 4-D (conv) gradients; False: every tensor with 2 or more dims
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "AdamGC: Adam on centralized gradients"
     cbs = [centralize_grad, weight_decay_cb(decouple_wd), *adam_stats, adam_step]

@@ -56,7 +56,7 @@ def format_table(res:pd.DataFrame) -> str:
     return res.to_string(index=False, formatters=dict(
         lr='{:g}'.format, accuracy='{:.2%}'.format, valid_loss='{:.4f}'.format, seconds_per_epoch='{:.2f}'.format))
 
-# %% ../nbs/90_cli.ipynb #cb3373fe
+# %% ../nbs/90_cli.ipynb #f7a6d669
 def main(argv:list|None=None):
     "Entry point of the `fastopt` console script"
     parser = argparse.ArgumentParser(prog='fastopt', description='Optimizers for fastai, compared on real data.')
@@ -87,7 +87,7 @@ def _bench(parser, args):
     for n in sets:
         if n not in param_sets: parser.error(f"Unknown parameter set: {n!r} (known: {', '.join(param_sets)})")
     if args.steps < 1: parser.error(f"Invalid steps: {args.steps} (expected a positive integer)")
-    res = bench(names, sets, steps=args.steps)
+    res = bench(names, sets, steps=args.steps, log=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res.to_csv(out/'bench.csv', index=False)

@@ -115,13 +115,13 @@ def _dynamic(k, v) -> bool:
     "Whether hyper `k` goes into a fused graph as a tensor (numbers that may change every step) or as it is"
     return k not in static_hypers and isinstance(v, numbers.Real) and not isinstance(v, bool)
 
-# %% ../nbs/00_core.ipynb #de4e7a56
+# %% ../nbs/00_core.ipynb #e5dbd6c0
 class Optimizer(fastai.optimizer.Optimizer):
     "fastai's `Optimizer` with validated hypers, torch.optim's input checks, and one place that decides how a group steps"
     def __init__(self,
         params:Tensor|Iterable, # Parameters, or a list of parameter groups (lists of parameters)
         cbs:Callable|MutableSequence, # Stats and steppers, run in this order on each parameter
-        fused:bool|None=None, # One compiled computation per group (True), eager (False), or True from `fused_min_numel` values (None)
+        fused:bool=False, # One compiled computation per group and device/dtype (True), or eager per parameter (False)
         **defaults # Hyperparameter values, overriding the callbacks' own `defaults`
     ):
         params,cbs = L(params),L(cbs)
@@ -129,10 +129,8 @@ class Optimizer(fastai.optimizer.Optimizer):
         self.hyper_rules = merge(hyper_rules, *[_cb_attr(cb, 'hyper_rules') for cb in cbs])
         self.hyper_names = set().union(*map(_cb_names, cbs)) | {'lr', 'mom'}   # fastai's schedulers set both on any optimizer
         super().__init__(params, cbs, **defaults)
-        if fused is None: fused = sum(p.numel() for pg in self.param_lists for p in pg) >= self.fused_min_numel
         self.fused,self._fns,self._hyper_tensors,self._seen = bool(fused),{},{},set()
 
-    fused_min_numel = 1_000_000 # With `fused=None`, fuse optimizers of at least this many parameter values
     fused_backend = 'inductor' # The `torch.compile` backend of the fused path
     inductor_options = dict(realize_opcount_threshold=0) # Compute each scalar once, not in every vector iteration
 
@@ -228,14 +226,14 @@ class Optimizer(fastai.optimizer.Optimizer):
         super().load_state_dict(sd)
         self._seen = set()
 
-# %% ../nbs/00_core.ipynb #0159bf42
+# %% ../nbs/00_core.ipynb #6511499e
 def step_count(p, step=None, **kwargs):
     "Count the steps on which `p` had a gradient, in a 0-d tensor on `p`'s device"
     if not isinstance(step, Tensor):
         step = torch.tensor(step or 0, dtype=torch.float32 if p.device.type == 'mps' else torch.float64, device=p.device)
     return {'step': step.add_(1)}
 
-# %% ../nbs/00_core.ipynb #8fa0700c
+# %% ../nbs/00_core.ipynb #41751ce6
 def bias_correction(
     mom, # The moving-average coefficient (β1 or β2)
     step:Tensor, # The step count from `step_count`
@@ -243,18 +241,18 @@ def bias_correction(
     "Adam's bias-correction factor 1 - `mom`^`step`"
     return 1 - mom**step
 
-# %% ../nbs/00_core.ipynb #d4d4544f
+# %% ../nbs/00_core.ipynb #573af396
 def weight_decay_cb(
     decouple_wd:bool # True: decoupled weight decay (`weight_decay`); False: L2 regularization (`l2_reg`)
 ) -> Callable:
     "fastai's weight-decay callback for the chosen mode"
     return weight_decay if decouple_wd else l2_reg
 
-# %% ../nbs/00_core.ipynb #62b63ee9
+# %% ../nbs/00_core.ipynb #3f0a42c3
 momentum_stats = [partial(average_grad, dampening=True), step_count]
 adam_stats = [partial(average_grad, dampening=True), average_sqr_grad, step_count]
 
-# %% ../nbs/00_core.ipynb #2624ca61
+# %% ../nbs/00_core.ipynb #d2db9a09
 def debiased_step(
     p:Tensor, # The parameter
     lr, # η: a number, or a tensor that broadcasts against `p` (a rate per channel)
@@ -268,7 +266,7 @@ def debiased_step(
     p.data.sub_(update)
     return update
 
-# %% ../nbs/00_core.ipynb #3d35440c
+# %% ../nbs/00_core.ipynb #a57c6abd
 def adam_denom(
     sqr_avg:Tensor, # v_t, the squared-gradient average
     sqr_mom, # β2

@@ -16,20 +16,20 @@ from .core import *
 # %% auto #0
 __all__ = ['SGD', 'RMSProp', 'QHAdam', 'larc_layer_lr', 'larc_step', 'Larc']
 
-# %% ../nbs/07_fastai.ipynb #72b3614c
+# %% ../nbs/07_fastai.ipynb #70348c2d
 def SGD(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate
     mom:float=0., # β, momentum (0: plain SGD)
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "SGD with optional momentum: fastai's `SGD`"
     cbs = [weight_decay_cb(decouple_wd)] + ([average_grad, momentum_step] if mom != 0 else [sgd_step])
     return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, wd=wd)
 
-# %% ../nbs/07_fastai.ipynb #c93dcbd8
+# %% ../nbs/07_fastai.ipynb #bff246be
 def RMSProp(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate
@@ -38,13 +38,13 @@ def RMSProp(
     eps:float=1e-8, # ε, added to the denominator
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "RMSProp with optional momentum: fastai's `RMSProp`, with `eps` honoured"
     cbs = [weight_decay_cb(decouple_wd)] + ([average_sqr_grad] if mom == 0. else [average_grad, average_sqr_grad]) + [rms_prop_step]
     return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
-# %% ../nbs/07_fastai.ipynb #23637f90
+# %% ../nbs/07_fastai.ipynb #8dde96ac
 def QHAdam(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate
@@ -55,7 +55,7 @@ def QHAdam(
     eps:float=1e-8, # ε, added to the denominator
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "QHAdam: fastai's `QHAdam`"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, qhadam_step]
@@ -77,7 +77,7 @@ def larc_step(p, local_lr, grad_avg=None, **kwargs):
     "Move `p` by `local_lr` times the momentum (or the gradient)"
     p.data.sub_((p.grad if grad_avg is None else grad_avg) * local_lr)
 
-# %% ../nbs/07_fastai.ipynb #c61c1ebf
+# %% ../nbs/07_fastai.ipynb #95fe60c0
 def Larc(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate
@@ -87,7 +87,7 @@ def Larc(
     eps:float=1e-8, # ε, added to the denominator
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "LARC (`clip=True`) or LARS: fastai's `Larc`"
     cbs = [weight_decay_cb(decouple_wd)] + ([average_grad] if mom != 0. else []) + [partial(larc_layer_lr, clip=clip), larc_step]

@@ -37,7 +37,7 @@ def lamb_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, trust_clip, wd=
 lamb_step.defaults = dict(eps=1e-5, trust_clip=10.)
 lamb_step.hyper_rules = dict(trust_clip=(lambda v: 0 < real(v), 'trust_clip > 0, or None for no cap'))
 
-# %% ../nbs/03_layerwise.ipynb #5f7146a4
+# %% ../nbs/03_layerwise.ipynb #5b570dde
 def Lamb(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate (a `slice` spreads it over the groups)
@@ -48,7 +48,7 @@ def Lamb(
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization (when `trust_wd` is False)
     trust_clip:float|None=10., # Cap on the trust ratio; `None` for no cap
     trust_wd:bool=False, # Put λp inside the trust-scaled update (the paper's and the seed's form)
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "LAMB: fastai's `Lamb` by default, the paper's form with `trust_wd=True`"
     if trust_wd and not decouple_wd:
@@ -64,14 +64,14 @@ def unit_momentum_step(p, lr, mom, step, grad_avg, **kwargs):
     size = rms(grad_avg) / bias_correction(mom, step)
     debiased_step(p, lr, mom, step, grad_avg, torch.where(size > 0, size, 1.))
 
-# %% ../nbs/03_layerwise.ipynb #9babef97
+# %% ../nbs/03_layerwise.ipynb #095a8b5f
 def UM(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate: the RMS of every tensor's step
     mom:float=0.9, # β, the gradient average coefficient
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "UM: bias-corrected momentum, normalized to unit RMS per tensor"
     cbs = [weight_decay_cb(decouple_wd), *momentum_stats, unit_momentum_step]
@@ -87,14 +87,14 @@ def momentum_step(p, lr, mom, step, grad_avg, **kwargs):
     "Move `p` by the bias-corrected momentum: p ← p - η·m̂_t"
     debiased_step(p, lr, mom, step, grad_avg)
 
-# %% ../nbs/03_layerwise.ipynb #dc8f6b9d
+# %% ../nbs/03_layerwise.ipynb #43f104d2
 def PreLamb(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate
     mom:float=0.9, # β, the gradient average coefficient
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "PreLamb: bias-corrected momentum of gradients rescaled to the weight's RMS"
     cbs = [weight_decay_cb(decouple_wd), scale_grad_to_weight, *momentum_stats, momentum_step]

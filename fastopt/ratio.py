@@ -41,7 +41,7 @@ def duv_adam_step(p, lr, mom, sqr_mom, step, grad_avg, ratio_avg, **kwargs):
     "Move `p` by the bias-corrected `grad_avg` over 1 + √(bias-corrected `ratio_avg`)"
     debiased_step(p, lr, mom, step, grad_avg, adam_denom(ratio_avg, sqr_mom, step, 1.))
 
-# %% ../nbs/06_ratio.ipynb #843af6d1
+# %% ../nbs/06_ratio.ipynb #fb0fa0b6
 def DuvAdam(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate (a `slice` spreads it over the groups)
@@ -50,7 +50,7 @@ def DuvAdam(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     ratio_clip:float=1e3, # Cap on |g/m_{t-1} - 1| (the overflow guard)
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "DuvAdam: momentum over 1 + √(average squared deviation of g/m_{t-1} from 1)"
     cbs = [weight_decay_cb(decouple_wd), partial(ratio_deviation_stat, power=2), *momentum_stats, duv_adam_step]
@@ -66,7 +66,7 @@ def su_adam_step(p, lr, mom, sqr_mom, step, grad_avg, ratio_avg, **kwargs):
     "Move `p` by η·c·m̂_t/(1 + v̂_t), c the `layer_scale`"
     debiased_step(p, lr * layer_scale(p.data), mom, step, grad_avg, 1 + ratio_avg / bias_correction(sqr_mom, step))
 
-# %% ../nbs/06_ratio.ipynb #da9106b7
+# %% ../nbs/06_ratio.ipynb #c4015203
 def SUAdam(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate, relative to the weights' mean absolute value
@@ -75,7 +75,7 @@ def SUAdam(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     ratio_clip:float=1e3, # Cap on |s/m_{t-1} - 1| (the overflow guard)
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "SUAdam: momentum of gradient signs over 1 + their average deviation, scaled by the weights' mean size"
     cbs = [weight_decay_cb(decouple_wd), sign_grad, partial(ratio_deviation_stat, power=1), *momentum_stats, su_adam_step]
@@ -106,7 +106,7 @@ def b_adam_step(p, lr, mom, sqr_mom, step, grad_avg, phi_avg, beta, prev_grad=No
 b_adam_step.defaults = dict(beta=50.)
 b_adam_step.hyper_rules = dict(beta=(lambda v: 0 < real(v) < math.inf, '0 < beta < inf'))
 
-# %% ../nbs/06_ratio.ipynb #8ab4bb62
+# %% ../nbs/06_ratio.ipynb #60c4626a
 def BAdam(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate, relative to the weights' mean absolute value
@@ -115,7 +115,7 @@ def BAdam(
     beta:float=50., # β, the softplus sharpness
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "BAdam: momentum over softplus_β of a finite-difference curvature estimate along the last update"
     cbs = [weight_decay_cb(decouple_wd), *momentum_stats, phi_avg_stat, b_adam_step]

@@ -77,7 +77,7 @@ rho_min_rule = (lambda v: 4 <= real(v) < math.inf, '4 <= rho_min < inf: r_t is u
 radam_step.defaults = dict(eps=1e-5, beta=0., rho_min=5.)
 radam_step.hyper_rules = dict(rho_min=rho_min_rule)
 
-# %% ../nbs/02_rectified.ipynb #92715dbf
+# %% ../nbs/02_rectified.ipynb #2bcdd2a0
 def RAdam(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate (a `slice` spreads it over the groups)
@@ -88,7 +88,7 @@ def RAdam(
     beta:float=0., # β > 0: softplus_β denominator (fastai's "SAdam" switch)
     decouple_wd:bool=True, # Decoupled weight decay (RAdamW) or L2 regularization (RAdam)
     rho_min:float=5., # ρ_min: rectify once ρ_t exceeds it (the seed and Algorithm 2 use 4)
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "RAdam: fastai's `RAdam`, with the same signature, defaults and steps, plus `rho_min`"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, radam_step]
@@ -103,7 +103,7 @@ positive_beta = (lambda v: 0 < real(v) < math.inf, '0 < beta < inf: the softplus
 sadam_step.defaults = dict(beta=50.)
 sadam_step.hyper_rules = dict(beta=positive_beta)
 
-# %% ../nbs/02_rectified.ipynb #68328035
+# %% ../nbs/02_rectified.ipynb #4a894d87
 def SAdam(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate (a `slice` spreads it over the groups)
@@ -112,7 +112,7 @@ def SAdam(
     beta:float=50., # β, the softplus sharpness
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "SAdam: Adam with a softplus_β denominator instead of √v̂ + ε"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, sadam_step]
@@ -127,7 +127,7 @@ def sradam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, beta, rho_min, **k
 sradam_step.defaults = dict(beta=50., rho_min=4.)
 sradam_step.hyper_rules = dict(beta=positive_beta, rho_min=rho_min_rule)
 
-# %% ../nbs/02_rectified.ipynb #a76e046e
+# %% ../nbs/02_rectified.ipynb #ea346b4c
 def SRAdam(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate (a `slice` spreads it over the groups)
@@ -137,7 +137,7 @@ def SRAdam(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     rho_min:float=4., # ρ_min: rectify once ρ_t exceeds it
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "SRAdam: RAdam's rectification with SAdam's softplus denominator"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, sradam_step]

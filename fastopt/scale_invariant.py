@@ -75,7 +75,7 @@ def stable_adam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, init_rms
     if init_rms is not None: lr = lr * rms_ratio(p.data, init_rms)
     adam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps)
 
-# %% ../nbs/05_scale_invariant.ipynb #c13d5a14
+# %% ../nbs/05_scale_invariant.ipynb #306ebf46
 def StableAdam(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate (a `slice` spreads it over the groups)
@@ -85,7 +85,7 @@ def StableAdam(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     scale_invariant:Callable=is_conv_weight, # Predicate choosing Θ, such as `feeds_batchnorm(model)`
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "StableAdam: Adam whose steps on scale-invariant weights grow with the weights"
     cbs = [partial(record_init_rms, predicate=scale_invariant), weight_decay_cb(decouple_wd), *adam_stats, stable_adam_step]
@@ -98,7 +98,7 @@ def restore_init_rms(p, init_rms=None, **kwargs):
     now = channel_rms(p.data)
     p.data.mul_(torch.where(now > 0, init_rms / now, 1.))
 
-# %% ../nbs/05_scale_invariant.ipynb #e0667e59
+# %% ../nbs/05_scale_invariant.ipynb #dbe0ea72
 def AdamAWD(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
     lr:float|slice, # Learning rate (a `slice` spreads it over the groups)
@@ -106,7 +106,7 @@ def AdamAWD(
     sqr_mom:float=0.99, # β2, the squared-gradient average coefficient
     eps:float=1e-8, # ε, added to the denominator
     scale_invariant:Callable=is_conv_weight, # Predicate choosing Θ, such as `feeds_batchnorm(model)`
-    fused:bool|None=None, # One compiled computation per group (True), eager (False), or by size (None); see `Optimizer`
+    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "AdamAWD: Adam, then scale-invariant weights rescaled per output channel to their initial RMS"
     cbs = [partial(record_init_rms, predicate=scale_invariant), *adam_stats, adam_step, restore_init_rms]

@@ -88,3 +88,23 @@ def test_state_is_interchangeable(first, second):
     steps(opt2, resumed, g2, 10)
     for a,b in zip([p for pg in groups for p in pg], [p for pg in resumed for p in pg]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+def test_failed_compile_falls_back_to_eager_with_one_warning():
+    def broken_backend(gm, example_inputs): raise RuntimeError('no C++ compiler here')
+    groups, ref = make_params(), make_params()
+    opt = fastopt.Adam(groups, lr=1e-2, fused=True)
+    opt.fused_backend = broken_backend
+    eager = fastopt.Adam(ref, lr=1e-2, fused=False)
+    with pytest.warns(UserWarning, match='fused step failed to compile') as rec:
+        for _ in range(3):
+            for pg,qg in zip(groups, ref):
+                for p,q in zip(pg, qg): p.grad = torch.ones_like(p); q.grad = torch.ones_like(q)
+            opt.step(); eager.step()
+    assert len([w for w in rec if 'fastopt' in str(w.message)]) == 1 and not opt.fused
+    for pg,qg in zip(groups, ref):
+        for p,q in zip(pg, qg): assert torch.equal(p, q)
+
+def test_default_is_eager():
+    "Compiling takes tens of seconds, so fusing is opt-in"
+    ps = [torch.zeros(10, requires_grad=True)]
+    assert not fastopt.Adam(ps, lr=1e-3).fused and fastopt.Adam(ps, lr=1e-3, fused=True).fused

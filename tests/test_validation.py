@@ -7,10 +7,11 @@ import fastopt
 def params(): return [torch.nn.Parameter(torch.randn(3))]
 
 NAMES = ['Adam', 'AMSGrad', 'RAdam', 'Lamb', 'SAdam', 'SRAdam', 'AdamGC', 'StableAdam', 'AdamAWD', 'UM', 'PreLamb',
-         'DuvAdam', 'SUAdam', 'BAdam']
+         'DuvAdam', 'SUAdam', 'BAdam', 'SGD', 'RMSProp', 'QHAdam', 'Larc']
 BAD = dict(lr=[-1e-3, math.nan, math.inf, '0.1'], mom=[1.5, 1.0, -0.1, math.nan], sqr_mom=[1.0, -0.5, math.nan],
            eps=[-1e-8, math.nan], wd=[-0.01, math.inf], beta=[-1., math.nan], rho_min=[3.9, math.nan],
-           trust_clip=[0., -1.], gc_conv_only=[1, 'yes', None], ratio_clip=[0., -5., math.nan])
+           trust_clip=[0., -1.], gc_conv_only=[1, 'yes', None], ratio_clip=[0., -5., math.nan],
+           nu_1=[-0.1, 1.5], nu_2=[2., math.nan], trust_coeff=[0., -0.02])
 CASES = [(n, k, v) for n in NAMES for k,vs in BAD.items() if k in inspect.signature(getattr(fastopt, n)).parameters for v in vs]
 
 @pytest.mark.parametrize('name,hyper,value', CASES, ids=[f'{n}-{k}-{v!r}' for n,k,v in CASES])
