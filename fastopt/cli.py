@@ -56,7 +56,7 @@ def format_table(res:pd.DataFrame) -> str:
     return res.to_string(index=False, formatters=dict(
         lr='{:g}'.format, accuracy='{:.2%}'.format, valid_loss='{:.4f}'.format, seconds_per_epoch='{:.2f}'.format))
 
-# %% ../nbs/90_cli.ipynb #f7a6d669
+# %% ../nbs/90_cli.ipynb #4d160231
 def main(argv:list|None=None):
     "Entry point of the `fastopt` console script"
     parser = argparse.ArgumentParser(prog='fastopt', description='Optimizers for fastai, compared on real data.')
@@ -71,8 +71,17 @@ def main(argv:list|None=None):
     bn.add_argument('--sets', default='resnet18,transformer', help='parameter sets (default: resnet18,transformer)')
     bn.add_argument('--steps', type=int, default=20, help='timed steps per fused optimizer (default: 20)')
     bn.add_argument('--out', default='fastopt-results', help='folder for bench.csv (default: fastopt-results)')
+    rg = sub.add_parser('regret', help="AMSGrad's counterexample: fastopt's Adam and AMSGrad on the paper's online problem")
+    rg.add_argument('--steps', type=int, default=10**6, help='steps T (default: 1000000)')
+    rg.add_argument('--out', default='fastopt-results', help='folder for regret.csv and regret.png (default: fastopt-results)')
+    rc = sub.add_parser('rectifier', help="plot RAdam's rectifier for a given sqr_mom")
+    rc.add_argument('--sqr-mom', type=float, default=0.999, help='β2 (default: 0.999)')
+    rc.add_argument('--length', type=int, default=1000, help='plot steps 1 to LENGTH - 1 (default: 1000)')
+    rc.add_argument('--out', default='fastopt-results', help='folder for rectifier.png (default: fastopt-results)')
     args = parser.parse_args(argv)
     if args.command == 'bench': return _bench(bn, args)
+    if args.command == 'regret': return _regret(rg, args)
+    if args.command == 'rectifier': return _rectifier(rc, args)
     names = [n.strip() for n in args.opt.split(',') if n.strip()]
     try: res = compare(names, epochs=args.epochs, lr=args.lr, seed=args.seed)
     except ValueError as e: cmp.error(str(e))
@@ -93,3 +102,19 @@ def _bench(parser, args):
     res.to_csv(out/'bench.csv', index=False)
     print(res.to_string(index=False, float_format='{:.2f}'.format))
     print(f"\nwritten: {out/'bench.csv'}")
+
+# %% ../nbs/90_cli.ipynb #e55bf82d
+def _regret(parser, args):
+    from fastopt.experiments import regret_experiment
+    if args.steps < 1: parser.error(f"Invalid steps: {args.steps} (expected a positive integer)")
+    res = regret_experiment(args.steps, args.out)
+    print(res.to_string(index=False))
+    print(f"\nwritten: {Path(args.out)/'regret.csv'}, {Path(args.out)/'regret.png'}")
+
+def _rectifier(parser, args):
+    if not 0 < args.sqr_mom < 1: parser.error(f"Invalid sqr_mom: {args.sqr_mom} (expected 0 < sqr_mom < 1)")
+    if args.length < 2: parser.error(f"Invalid length: {args.length} (expected at least 2)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fastopt.plot_rectifier(args.sqr_mom, args.length).savefig(out/'rectifier.png', dpi=100)
+    print(f"written: {out/'rectifier.png'}")
