@@ -20,14 +20,42 @@ from .diagnostics import UpdateStats
 from .digits import digits_learner, digits_hypers
 
 # %% auto #0
-__all__ = ['optimizers', 'compare', 'plot_compare', 'format_table', 'main']
+__all__ = ['optimizers', 'read_table', 'is_regression', 'table_learner', 'compare', 'plot_compare', 'format_table', 'main']
 
 # %% ../nbs/90_cli.ipynb #f21fd9a9
 optimizers = {name: getattr(fastopt, name) for name in (
     'Adam', 'AMSGrad', 'RAdam', 'Lamb', 'SAdam', 'SRAdam', 'AdamGC', 'StableAdam', 'AdamAWD', 'UM', 'PreLamb',
     'DuvAdam', 'SUAdam', 'BAdam')}
 
-# %% ../nbs/90_cli.ipynb #5a44279b
+# %% ../nbs/90_cli.ipynb #bb2b791a
+def read_table(csv:str|Path, target:str) -> pd.DataFrame:
+    "Read `csv`, checking that it exists and has the column `target`"
+    if not Path(csv).is_file(): raise ValueError(f"CSV file not found: {str(csv)!r}")
+    df = pd.read_csv(csv)
+    if target not in df.columns: raise ValueError(f"Unknown target column: {target!r} (columns: {', '.join(map(str, df.columns))})")
+    return df
+
+def is_regression(df:pd.DataFrame, target:str) -> bool:
+    "A float target is a regression; anything else is a classification"
+    return pd.api.types.is_float_dtype(df[target])
+
+def table_learner(df:pd.DataFrame, target:str, opt_func, seed:int=0, split_seed:int=42, **kwargs):
+    "A fastai tabular `Learner` for `target` in `df`: accuracy for classification, RMSE for regression"
+    from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify, FillMissing, Normalize, RandomSplitter
+    from fastai.data.block import CategoryBlock
+    from fastai.metrics import accuracy, rmse
+    from fastai.torch_core import set_seed
+    inputs = [c for c in df.columns if c != target]
+    cont = [c for c in inputs if pd.api.types.is_numeric_dtype(df[c])]
+    regression = is_regression(df, target)
+    valid_idx = RandomSplitter(0.2, seed=split_seed)(range(len(df)))[1]
+    dls = TabularDataLoaders.from_df(df, path=kwargs.get('path', '.'), y_names=target, cat_names=[c for c in inputs if c not in cont],
+                                     cont_names=cont, procs=[Categorify, FillMissing, Normalize], valid_idx=valid_idx,
+                                     y_block=None if regression else CategoryBlock(), bs=64)
+    set_seed(seed, reproducible=True)
+    return tabular_learner(dls, opt_func=opt_func, metrics=rmse if regression else accuracy, **kwargs)
+
+# %% ../nbs/90_cli.ipynb #8526b675
 def compare(
     names:list|None=None, # Optimizer names from `optimizers`; None for all
     epochs:int=5, # Epochs of `fit_one_cycle` per run
@@ -36,6 +64,8 @@ def compare(
     fused:bool=False, # Run the optimizers fused
     progress:bool=True, # Show fastai's progress bars and per-epoch table
     diagnostics:bool=False, # Record `UpdateStats` in each optimizer's first run, kept in `attrs['diagnostics']`
+    csv:str|Path|None=None, # A CSV file to train a tabular model on, instead of the digits
+    target:str|None=None, # The column of `csv` to predict
 ) -> pd.DataFrame:
     "Train the digits CNN per optimizer and seed; return optimizer, lr, hypers, accuracy (mean), accuracy_std, valid_loss, seconds_per_epoch"
     names = list(optimizers) if names is None else list(names)
@@ -45,6 +75,14 @@ def compare(
     for k,v in dict(epochs=epochs, seeds=seeds).items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"Invalid {k}: {v!r} (expected a positive integer)")
     if not (lr is None or lr == 'auto' or 0 < real(lr) < math.inf): raise ValueError(f"Invalid lr: {lr!r} (expected a positive number or 'auto')")
+    if (csv is None) != (target is None): raise ValueError("Give both csv and target, or neither (to train on the digits)")
+    metric = 'accuracy'
+    if csv is None: make_learner = digits_learner
+    else:
+        table = read_table(csv, target)
+        make_learner = partial(table_learner, table, target)
+        if is_regression(table, target): metric = 'rmse'
+        if lr is None: lr = 'auto'   # digits_hypers are tuned for the digits, not for this table
     rows,curves,diags = [],{},{}
     with tempfile.TemporaryDirectory() as tmp:   # lr_find saves and restores the model through files
         for name in names:
@@ -52,13 +90,13 @@ def compare(
             opt_func = partial(optimizers[name], fused=fused, **hypers)
             opt_lr = digits_hypers[name]['lr'] if lr is None else lr
             if opt_lr == 'auto':
-                learn = digits_learner(opt_func, seed=0, path=tmp)
+                learn = make_learner(opt_func, seed=0, path=tmp)
                 with learn.no_bar(), learn.no_logging(): opt_lr = float(learn.lr_find(show_plot=False).valley)
                 print(f"lr_find suggests lr={opt_lr:.3g} for {name}")
             accs,losses,secs,curve = [],[],[],[]
             for seed in range(seeds):
                 cbs = [UpdateStats()] if diagnostics and seed == 0 else []
-                learn = digits_learner(opt_func, seed=seed, path=tmp, cbs=cbs)
+                learn = make_learner(opt_func, seed=seed, path=tmp, cbs=cbs)
                 if cbs: diags[name] = cbs[0]
                 start = time.perf_counter()
                 with (nullcontext() if progress else learn.no_bar()): learn.fit_one_cycle(epochs, opt_lr)
@@ -68,15 +106,15 @@ def compare(
                 accs.append(acc); losses.append(valid_loss)
             curves[name] = np.array(curve)
             rows.append(dict(optimizer=name, lr=opt_lr, hypers=' '.join(f'{k}={v:g}' for k,v in hypers.items()),
-                             accuracy=np.mean(accs), accuracy_std=np.std(accs), valid_loss=np.mean(losses),
+                             **{metric: np.mean(accs), f'{metric}_std': np.std(accs)}, valid_loss=np.mean(losses),
                              seconds_per_epoch=np.mean(secs)))
     res = pd.DataFrame(rows)
     res.attrs['curves'],res.attrs['diagnostics'] = curves,diags
     return res
 
-# %% ../nbs/90_cli.ipynb #eb025cb4
+# %% ../nbs/90_cli.ipynb #7dd8654a
 def plot_compare(res:pd.DataFrame):
-    "Validation-loss curves per optimizer beside a bar chart of final accuracy, from a `compare` result"
+    "Validation-loss curves per optimizer beside a bar chart of the final metric, from a `compare` result"
     fig,(ax0,ax1) = plt.subplots(1, 2, figsize=(13, 4.8))
     colors = [plt.get_cmap('tab20')(i % 20) for i in range(len(res))]
     for color,(name,c) in zip(colors, res.attrs['curves'].items()):
@@ -86,19 +124,22 @@ def plot_compare(res:pd.DataFrame):
     ax0.set(xlabel='epoch', ylabel='validation loss', yscale='log', title='Validation loss (mean over seeds, band: min to max)')
     ax0.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax0.legend(fontsize='small', ncol=2, loc='upper right')
-    ax1.bar(res.optimizer, 100 * res.accuracy, yerr=100 * res.accuracy_std, capsize=3, color=colors)
-    ax1.set(ylabel='held-out accuracy (%)', title='Final accuracy', ylim=(max(0, 100 * res.accuracy.min() - 5), 100))
+    metric = res.columns[3]   # accuracy, or rmse for a regression
+    scale = 100 if metric == 'accuracy' else 1
+    ax1.bar(res.optimizer, scale * res[metric], yerr=scale * res[f'{metric}_std'], capsize=3, color=colors)
+    ax1.set(ylabel='held-out accuracy (%)' if scale == 100 else f'held-out {metric}', title=f'Final {metric}')
+    if scale == 100: ax1.set_ylim(max(0, 100 * res[metric].min() - 5), 100)
     ax1.tick_params(axis='x', rotation=45)
     fig.tight_layout()
     return fig
 
-# %% ../nbs/90_cli.ipynb #e05ee9b8
+# %% ../nbs/90_cli.ipynb #30bd1bef
 def format_table(res:pd.DataFrame) -> str:
     "The `compare` table as aligned text, accuracy in percent"
-    return res.to_string(index=False, formatters=dict(lr='{:.3g}'.format, accuracy='{:.2%}'.format,
-        accuracy_std='{:.2%}'.format, valid_loss='{:.4f}'.format, seconds_per_epoch='{:.2f}'.format))
+    return res.to_string(index=False, formatters=dict(lr='{:.3g}'.format, accuracy='{:.2%}'.format, accuracy_std='{:.2%}'.format,
+        rmse='{:.4f}'.format, rmse_std='{:.4f}'.format, valid_loss='{:.4f}'.format, seconds_per_epoch='{:.2f}'.format))
 
-# %% ../nbs/90_cli.ipynb #5c41a1b6
+# %% ../nbs/90_cli.ipynb #ab14b3bf
 def main(argv:list|None=None):
     "Entry point of the `fastopt` console script"
     parser = argparse.ArgumentParser(prog='fastopt', description='Optimizers for fastai, compared on real data.')
@@ -111,6 +152,8 @@ def main(argv:list|None=None):
     cmp.add_argument('--fused', action=argparse.BooleanOptionalAction, default=False, help='run the optimizers fused (default: no)')
     cmp.add_argument('--out', default='fastopt-results', help='folder for compare.csv and compare.png (default: fastopt-results)')
     cmp.add_argument('--diagnostics', action='store_true', help='also record UpdateStats and write diagnostics-NAME.png per optimizer')
+    cmp.add_argument('--csv', default=None, help='train a tabular model on this CSV file instead of the digits')
+    cmp.add_argument('--target', default=None, help='the column of --csv to predict')
     bn = sub.add_parser('bench', help="time each optimizer's step, fused and eager, against fastai, torch and the memory floor")
     bn.add_argument('--opt', default=None, help='comma-separated names (default: all fused-capable optimizers)')
     bn.add_argument('--sets', default='resnet18,transformer', help='parameter sets (default: resnet18,transformer)')
@@ -123,8 +166,13 @@ def main(argv:list|None=None):
     rc.add_argument('--sqr-mom', type=float, default=0.999, help='β2 (default: 0.999)')
     rc.add_argument('--length', type=int, default=1000, help='plot steps 1 to LENGTH - 1 (default: 1000)')
     rc.add_argument('--out', default='fastopt-results', help='folder for rectifier.png (default: fastopt-results)')
+    tr = sub.add_parser('trajectories', help="each optimizer's path on a 2-D test function, at its best learning rate")
+    tr.add_argument('--fn', default='rosenbrock', choices=['rosenbrock', 'rastrigin'], help='test function (default: rosenbrock)')
+    tr.add_argument('--steps', type=int, default=500, help='steps per run (default: 500)')
+    tr.add_argument('--out', default='fastopt-results', help='folder for trajectories-FN.png (default: fastopt-results)')
     args = parser.parse_args(argv)
     if args.command == 'bench': return _bench(bn, args)
+    if args.command == 'trajectories': return _trajectories(tr, args)
     if args.command == 'regret': return _regret(rg, args)
     if args.command == 'rectifier': return _rectifier(rc, args)
     names = [n.strip() for n in args.opt.split(',') if n.strip()]
@@ -132,7 +180,8 @@ def main(argv:list|None=None):
     if lr not in (None, 'auto'):
         try: lr = float(lr)
         except ValueError: cmp.error(f"Invalid lr: {lr!r} (expected a positive number or 'auto')")
-    try: res = compare(names, epochs=args.epochs, lr=lr, seeds=args.seeds, fused=args.fused, diagnostics=args.diagnostics)
+    try: res = compare(names, epochs=args.epochs, lr=lr, seeds=args.seeds, fused=args.fused, diagnostics=args.diagnostics,
+                                 csv=args.csv, target=args.target)
     except ValueError as e: cmp.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,13 +208,21 @@ def _bench(parser, args):
     print(res.to_string(index=False, float_format='{:.2f}'.format))
     print(f"\nwritten: {out/'bench.csv'}")
 
-# %% ../nbs/90_cli.ipynb #38c89191
+# %% ../nbs/90_cli.ipynb #312125da
 def _regret(parser, args):
     from fastopt.experiments import regret_experiment
     if args.steps < 1: parser.error(f"Invalid steps: {args.steps} (expected a positive integer)")
     res = regret_experiment(args.steps, args.out)
     print(res.to_string(index=False))
     print(f"\nwritten: {Path(args.out)/'regret.csv'}, {Path(args.out)/'regret.png'}")
+
+def _trajectories(parser, args):
+    from fastopt.experiments import plot_trajectories
+    if args.steps < 1: parser.error(f"Invalid steps: {args.steps} (expected a positive integer)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_trajectories(args.fn, steps=args.steps).savefig(out/f'trajectories-{args.fn}.png', dpi=80)
+    print(f"written: {out/f'trajectories-{args.fn}.png'}")
 
 def _rectifier(parser, args):
     if not 0 < args.sqr_mom < 1: parser.error(f"Invalid sqr_mom: {args.sqr_mom} (expected 0 < sqr_mom < 1)")

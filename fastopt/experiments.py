@@ -16,7 +16,8 @@ from fastprogress.fastprogress import progress_bar
 import fastopt
 
 # %% auto #0
-__all__ = ['regret_run', 'plot_regret', 'regret_experiment']
+__all__ = ['test_functions', 'lr_grid', 'regret_run', 'plot_regret', 'regret_experiment', 'rosenbrock', 'rastrigin', 'trajectory',
+           'best_trajectory', 'plot_trajectories']
 
 # %% ../nbs/96_experiments.ipynb #5c38c1b5
 def regret_run(
@@ -70,3 +71,61 @@ def regret_experiment(
     plot_regret(runs).savefig(out/'regret.png', dpi=100)
     plt.close('all')
     return res
+
+# %% ../nbs/96_experiments.ipynb #6c0c5be6
+def rosenbrock(p): return (1 - p[0])**2 + 100 * (p[1] - p[0]**2)**2
+def rastrigin(p): return 20 + (p**2 - 10 * torch.cos(2 * np.pi * p)).sum()
+
+test_functions = dict(rosenbrock=(rosenbrock, (-2., 2.), (1., 1.)), rastrigin=(rastrigin, (-2., 3.5), (0., 0.)))
+lr_grid = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.]
+
+# %% ../nbs/96_experiments.ipynb #99a02571
+def trajectory(fn, start, opt_func, lr:float, steps:int=500) -> np.ndarray:
+    "The points an optimizer visits minimizing `fn` from `start`: an array of shape (steps + 1, 2)"
+    p = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+    opt = opt_func([p], lr=lr)
+    path = [p.detach().clone()]
+    for _ in range(steps):
+        opt.zero_grad()
+        p.grad = None
+        fn(p).backward()
+        opt.step()
+        path.append(p.detach().clone())
+    return torch.stack(path).numpy()
+
+def best_trajectory(fn, start, opt_func, grid=lr_grid, steps:int=500):
+    "The `trajectory` with the lowest finite final value of `fn` over the learning rates in `grid`: (lr, path)"
+    best = (np.inf, None, None)
+    for lr in grid:
+        path = trajectory(fn, start, opt_func, lr, steps)
+        final = fn(torch.tensor(path[-1])).item()
+        if np.isfinite(final) and np.isfinite(path).all() and final < best[0]: best = (final, lr, path)
+    return best[1],best[2]
+
+# %% ../nbs/96_experiments.ipynb #a0556c64
+def plot_trajectories(
+    fn_name:str='rosenbrock', # 'rosenbrock' or 'rastrigin'
+    names:list|None=None, # Optimizer names (default: all fourteen)
+    steps:int=500, # Steps per run
+    grid:list=lr_grid, # Learning rates tried per optimizer
+):
+    "One panel per optimizer: its path on the test function at its best learning rate from `grid`"
+    from fastopt.cli import optimizers
+    if fn_name not in test_functions: raise ValueError(f"Unknown function: {fn_name!r} (known: {', '.join(test_functions)})")
+    fn,start,best_point = test_functions[fn_name]
+    names = names or list(optimizers)
+    ncols = 4
+    fig,axs = plt.subplots((len(names) + ncols - 1) // ncols, ncols, figsize=(4 * ncols, 3.6 * ((len(names) + ncols - 1) // ncols)), squeeze=False)
+    xs,ys = (np.linspace(-2.5, 2.5, 200), np.linspace(-1.5, 4, 200))
+    X,Y = np.meshgrid(xs, ys)
+    Z = np.vectorize(lambda a, b: fn(torch.tensor([a, b])).item())(X, Y)
+    for ax,name in zip(axs.flat, names):
+        lr,path = best_trajectory(fn, start, optimizers[name], grid, steps)
+        ax.contour(X, Y, np.log1p(Z), levels=30, cmap='viridis', linewidths=0.6)
+        if path is not None: ax.plot(path[:, 0], path[:, 1], color='red', lw=1.2, marker='.', markersize=2)
+        ax.plot(*start, 'ko', markersize=4); ax.plot(*best_point, 'w*', markersize=12, markeredgecolor='k')
+        ax.set(title=f"{name} (lr={lr:g})" if lr else f"{name} (diverged at every lr)", xlim=(-2.5, 2.5), ylim=(-1.5, 4))
+    for ax in list(axs.flat)[len(names):]: ax.axis('off')
+    fig.suptitle(f'{fn_name}: {steps} steps from {start}, each optimizer at its best lr in {grid[0]:g}..{grid[-1]:g}')
+    fig.tight_layout()
+    return fig
