@@ -18,9 +18,9 @@ import fastai.optimizer
 from fastai.optimizer import weight_decay, l2_reg, average_grad, average_sqr_grad, _update
 
 # %% auto #0
-__all__ = ['hyper_rules', 'static_hypers', 'momentum_stats', 'adam_stats', 'real', 'check_hyper', 'softplus', 'group_step',
-           'compiled_group_step', 'Optimizer', 'step_count', 'bias_correction', 'weight_decay_cb', 'debiased_step',
-           'adam_denom', 'rms']
+__all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'momentum_stats', 'adam_stats', 'real', 'check_hyper', 'softplus',
+           'group_step', 'compiled_group_step', 'Optimizer', 'step_count', 'bias_correction', 'weight_decay_cb',
+           'debiased_step', 'adam_denom', 'rms']
 
 # %% ../nbs/00_core.ipynb #0df59ec3
 def real(v) -> float:
@@ -54,7 +54,7 @@ def check_hyper(
 # %% ../nbs/00_core.ipynb #083d6418
 static_hypers = {'wd', 'beta'}
 
-# %% ../nbs/00_core.ipynb #c1e04867
+# %% ../nbs/00_core.ipynb #d961247b
 def softplus(
     x:Tensor, # A denominator
     beta, # β; 0 leaves `x` unchanged
@@ -62,6 +62,8 @@ def softplus(
     "softplus_β(`x`) = log(1 + exp(β`x`))/β, or `x` itself when `beta` is 0"
     if not beta: return x
     return x.clamp_min(0) + torch.log1p(torch.exp(-beta * x.abs())) / beta
+
+positive_beta = (lambda v: 0 < real(v) < math.inf, '0 < beta < inf: the softplus replaces eps, so it cannot be turned off')
 
 # %% ../nbs/00_core.ipynb #6ad5ebad
 def _param_groups(params:L) -> list:

@@ -95,7 +95,7 @@ def phi_avg_stat(p, sqr_mom, prev_grad=None, prev_update=None, phi_avg=None, **k
     phi_avg.mul_(sqr_mom).add_(phi, alpha=1 - sqr_mom)
     return {'phi_avg': phi_avg}
 
-# %% ../nbs/06_ratio.ipynb #4ce24713
+# %% ../nbs/06_ratio.ipynb #b0fef9f8
 def b_adam_step(p, lr, mom, sqr_mom, step, grad_avg, phi_avg, beta, prev_grad=None, prev_update=None, **kwargs):
     "Move `p` by BAdam's u_t and remember the gradient and u_t for the next step"
     denom = torch.where(step > 1, softplus((phi_avg / bias_correction(sqr_mom, step - 1)).abs(), beta), 1.)
@@ -104,7 +104,7 @@ def b_adam_step(p, lr, mom, sqr_mom, step, grad_avg, phi_avg, beta, prev_grad=No
     return {'prev_grad': prev_grad.copy_(p.grad), 'prev_update': prev_update.copy_(update)}
 
 b_adam_step.defaults = dict(beta=50.)
-b_adam_step.hyper_rules = dict(beta=(lambda v: 0 < real(v) < math.inf, '0 < beta < inf'))
+b_adam_step.hyper_rules = dict(beta=positive_beta)
 
 # %% ../nbs/06_ratio.ipynb #60c4626a
 def BAdam(

@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt
 from .core import *
 
 # %% auto #0
-__all__ = ['rho_min_rule', 'positive_beta', 'rectifier', 'plot_rectifier', 'rectified_step', 'radam_step', 'RAdam', 'sadam_step',
-           'SAdam', 'sradam_step', 'SRAdam']
+__all__ = ['rho_min_rule', 'rectifier', 'plot_rectifier', 'rectified_step', 'radam_step', 'RAdam', 'sadam_step', 'SAdam',
+           'sradam_step', 'SRAdam']
 
 # %% ../nbs/02_rectified.ipynb #68fbb74c
 def rectifier(
@@ -94,12 +94,11 @@ def RAdam(
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, radam_step]
     return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta, rho_min=rho_min)
 
-# %% ../nbs/02_rectified.ipynb #acdb579a
+# %% ../nbs/02_rectified.ipynb #5a2257bd
 def sadam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, beta, **kwargs):
     "Move `p` by SAdam's step: the bias-corrected `grad_avg` over softplus_β(√v̂_t)"
     debiased_step(p, lr, mom, step, grad_avg, softplus(adam_denom(sqr_avg, sqr_mom, step, 0.), beta))
 
-positive_beta = (lambda v: 0 < real(v) < math.inf, '0 < beta < inf: the softplus replaces eps, so it cannot be turned off')
 sadam_step.defaults = dict(beta=50.)
 sadam_step.hyper_rules = dict(beta=positive_beta)
 
