@@ -85,7 +85,7 @@ def _check_params(params:L):
         if id(p) in seen: raise ValueError(f"a parameter of shape {tuple(p.shape)} appears more than once; each parameter must be in exactly one group, once")
         seen.add(id(p))
 
-# %% ../nbs/00_core.ipynb #29a2b4e7
+# %% ../nbs/00_core.ipynb #ea686590
 def _cb_attr(cb, name):
     "Attribute `name` of callback `cb`, looking through `functools.partial`"
     return getattr(cb, name, None) or getattr(getattr(cb, 'func', None), name, None)
@@ -116,6 +116,8 @@ def _check_state_dict(opt, sd:dict):
     mine = [_cb_name(cb) for cb in opt.cbs]
     if 'cbs' in sd and list(sd['cbs']) != mine:
         raise ValueError(f"state dict was saved by a different optimizer: its callbacks are {list(sd['cbs'])}, this optimizer's are {mine}")
+    bad = [i for i in sd.get('stepped', []) if not (isinstance(i, int) and 0 <= i < len(params))]
+    if bad: raise ValueError(f"state dict's 'stepped' holds {bad!r}, which are not parameter positions (0 to {len(params) - 1})")
     for i,(h,own) in enumerate(zip(sd['hypers'], opt.hypers)):
         if set(h) != set(own):
             raise ValueError(f"state dict was saved by a different optimizer: group {i} has hypers {sorted(h)}, this optimizer's are {sorted(own)}")
@@ -148,7 +150,7 @@ def _dynamic(k, v) -> bool:
     "Whether hyper `k` goes into a fused graph as a tensor (numbers that may change every step) or as it is"
     return k not in static_hypers and isinstance(v, numbers.Real) and not isinstance(v, bool)
 
-# %% ../nbs/00_core.ipynb #696d5a45
+# %% ../nbs/00_core.ipynb #1f507970
 class Optimizer(fastai.optimizer.Optimizer):
     "fastai's `Optimizer` with validated hypers, torch.optim's input checks, and one place that decides how a group steps"
     def __init__(self,
@@ -208,7 +210,9 @@ class Optimizer(fastai.optimizer.Optimizer):
         live = [p for p in params if p.grad is not None]
         for p in live:
             if p.grad.is_sparse: raise RuntimeError(f"fastopt optimizers do not support sparse gradients (parameter of shape {tuple(p.shape)})")
-        if not self.fused: return self._run(group_step, live, hyper)
+        if not self.fused:
+            self._run(group_step, live, hyper)
+            return self._seen.update(map(id, live))
         fresh = [p for p in live if id(p) not in self._seen]
         if fresh: self._run(group_step, fresh, hyper)
         buckets = {}
@@ -246,26 +250,36 @@ class Optimizer(fastai.optimizer.Optimizer):
         self._seen = set()
 
     def state_dict(self) -> dict:
-        "fastai's state dict (the live `state` and `hypers`) plus the names of the callbacks, which say what the state means"
-        return {**super().state_dict(), 'cbs': [_cb_name(cb) for cb in self.cbs]}
+        "fastai's state dict (the live per-parameter `state`, and `hypers` as plain dicts) plus the callbacks' names, which say what the state means"
+        return {'state': [self.state[p] for p in self._all_params()], 'hypers': [dict(h) for h in self.hypers],
+                'cbs': [_cb_name(cb) for cb in self.cbs], 'stepped': self._stepped()}
 
     def load_state_dict(self,
         sd:dict # A `state_dict()` of the same optimizer over the same parameters, from fastopt or fastai
     ):
         "Load a copy of `sd`'s hypers and per-parameter state, after checking that all of it fits; on an error nothing changes"
         _check_state_dict(self, sd)
-        params = [p for pg in self.param_lists for p in pg]
+        params = self._all_params()
         self.hypers = L(dict(h) for h in sd['hypers'])
         self.state = defaultdict(dict, {p: {k: v.to(p.device, copy=True) if isinstance(v, Tensor) else copy.deepcopy(v) for k,v in s.items()}
                                         for p,s in zip(params, sd['state'])})
-        self._seen = set()
+        self._seen = {id(params[i]) for i in sd.get('stepped', [])} if 'cbs' in sd else set()   # a fastai state is converted eagerly
+
+    def _all_params(self) -> list: return [p for pg in self.param_lists for p in pg]
+    def _stepped(self) -> list:
+        "Positions of the parameters whose state a step has created: their next step may be fused"
+        return [i for i,p in enumerate(self._all_params()) if id(p) in self._seen]
 
     def __getstate__(self):
         "All but the compiled computations, their inputs and the hyper rules, which a copy (`deepcopy`, pickle) rebuilds"
-        return {k:v for k,v in self.__dict__.items() if k not in ('_fns', '_hyper_tensors', '_seen', 'hyper_rules')}
+        d = {k:v for k,v in self.__dict__.items() if k not in ('_fns', '_hyper_tensors', '_seen', 'hyper_rules')}
+        return {**d, '_stepped': self._stepped()}
 
     def __setstate__(self, d):
-        self.__dict__.update(d, _fns={}, _hyper_tensors={}, _seen=set())
+        stepped = d.pop('_stepped')
+        self.__dict__.update(d, _fns={}, _hyper_tensors={})
+        params = self._all_params()
+        self._seen = {id(params[i]) for i in stepped}
         self.hyper_rules = merge(hyper_rules, *[_cb_attr(cb, 'hyper_rules') for cb in self.cbs])
 
 # %% ../nbs/00_core.ipynb #6a98ecf6
