@@ -56,10 +56,11 @@ def DuvAdam(
     cbs = [weight_decay_cb(decouple_wd), partial(ratio_deviation_stat, power=2), *momentum_stats, duv_adam_step]
     return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd, ratio_clip=ratio_clip)
 
-# %% ../nbs/06_ratio.ipynb #5b61c657
+# %% ../nbs/06_ratio.ipynb #97b821bf
 def sign_grad(p, **kwargs):
-    "Replace the gradient, in place, by its sign"
-    p.grad.sign_()
+    "Replace the gradient, in place, by its sign; NaN stays NaN (torch's `sign` makes it 0)"
+    g = p.grad
+    g.copy_(torch.where(g.isnan(), g, g.sign()))
 
 # %% ../nbs/06_ratio.ipynb #efe6ec27
 def su_adam_step(p, lr, mom, sqr_mom, step, grad_avg, ratio_avg, **kwargs):

@@ -55,3 +55,6 @@ def max_rel_err(a, b):
 
 def assert_params_close(a, b, rtol=1e-12, atol=1e-12):
     for k in a: torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m: f"parameter {k!r}: {m}")
+
+# Digits settings for fastai's four namesakes in fastopt (the fourteen algorithms' are `fastopt.digits.digits_hypers`)
+NAMESAKE_HYPERS = dict(SGD=dict(lr=0.1, mom=0.9), RMSProp=dict(lr=1e-3), QHAdam=dict(lr=1e-2), Larc=dict(lr=1.))

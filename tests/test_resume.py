@@ -10,7 +10,7 @@ import fastopt
 from fastopt.cli import optimizers
 from fastopt.digits import digits_learner, digits_hypers
 
-FASTAI_NAMESAKES = dict(SGD=dict(lr=0.1, mom=0.9), RMSProp=dict(lr=1e-3), QHAdam=dict(lr=1e-2), Larc=dict(lr=1e-2))
+from helpers import NAMESAKE_HYPERS as FASTAI_NAMESAKES
 SETTINGS = {**digits_hypers, **FASTAI_NAMESAKES}
 ALL = {**optimizers, **{n: getattr(fastopt, n) for n in FASTAI_NAMESAKES}}
 
