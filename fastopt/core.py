@@ -290,14 +290,14 @@ class Optimizer(fastai.optimizer.Optimizer):
         self._seen = {id(params[i]) for i in stepped}
         self.hyper_rules = merge(hyper_rules, *[_cb_attr(cb, 'hyper_rules') for cb in self.cbs])
 
-# %% ../nbs/00_core.ipynb #6a98ecf6
+# %% ../nbs/00_core.ipynb #bbee2ea9
 def step_count(p, step=None, **kwargs):
     "Count the steps on which `p` had a gradient, in a 0-d tensor on `p`'s device"
     if not isinstance(step, Tensor):
         step = torch.tensor(step or 0, dtype=torch.float32 if p.device.type == 'mps' else torch.float64, device=p.device)
     return {'step': step.add_(1)}
 
-# %% ../nbs/00_core.ipynb #e7eb06bd
+# %% ../nbs/00_core.ipynb #c3bb0e22
 def bias_correction(
     mom, # The moving-average coefficient (β1 or β2)
     step:Tensor, # The step count from `step_count`
@@ -305,18 +305,18 @@ def bias_correction(
     "Adam's bias-correction factor 1 - `mom`^`step`"
     return 1 - mom**step
 
-# %% ../nbs/00_core.ipynb #7f882e8a
+# %% ../nbs/00_core.ipynb #8c59c060
 def weight_decay_cb(
     decouple_wd:bool # True: decoupled weight decay (`weight_decay`); False: L2 regularization (`l2_reg`)
 ) -> Callable:
     "fastai's weight-decay callback for the chosen mode"
     return weight_decay if decouple_wd else l2_reg
 
-# %% ../nbs/00_core.ipynb #d71242c7
+# %% ../nbs/00_core.ipynb #ec4e6c4a
 momentum_stats = [partial(average_grad, dampening=True), step_count]
 adam_stats = [partial(average_grad, dampening=True), average_sqr_grad, step_count]
 
-# %% ../nbs/00_core.ipynb #ea38a22b
+# %% ../nbs/00_core.ipynb #74101171
 def debiased_step(
     p:Tensor, # The parameter
     lr, # η: a number, or a tensor that broadcasts against `p` (a rate per channel)
@@ -330,7 +330,7 @@ def debiased_step(
     p.data.sub_(update)
     return update
 
-# %% ../nbs/00_core.ipynb #3c132afa
+# %% ../nbs/00_core.ipynb #da012eaa
 def adam_denom(
     sqr_avg:Tensor, # v_t, the squared-gradient average
     sqr_mom, # β2
