@@ -156,4 +156,10 @@ d = { 'settings': { 'branch': 'main',
                                          'fastopt.scale_invariant.rms_ratio': ( 'scale_invariant.html#rms_ratio',
                                                                                 'fastopt/scale_invariant.py'),
                                          'fastopt.scale_invariant.stable_adam_step': ( 'scale_invariant.html#stable_adam_step',
-                                                                                       'fastopt/scale_invariant.py')}}}
+                                                                                       'fastopt/scale_invariant.py')},
+            'fastopt.sharding': { 'fastopt.sharding._ReductionRecorder': ('sharding.html#_reductionrecorder', 'fastopt/sharding.py'),
+                                  'fastopt.sharding._ReductionRecorder.__init__': ( 'sharding.html#_reductionrecorder.__init__',
+                                                                                    'fastopt/sharding.py'),
+                                  'fastopt.sharding._ReductionRecorder.__torch_dispatch__': ( 'sharding.html#_reductionrecorder.__torch_dispatch__',
+                                                                                              'fastopt/sharding.py'),
+                                  'fastopt.sharding.reductions': ('sharding.html#reductions', 'fastopt/sharding.py')}}}
