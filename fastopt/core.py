@@ -150,7 +150,7 @@ def _dynamic(k, v) -> bool:
     "Whether hyper `k` goes into a fused graph as a tensor (numbers that may change every step) or as it is"
     return k not in static_hypers and isinstance(v, numbers.Real) and not isinstance(v, bool)
 
-# %% ../nbs/00_core.ipynb #5a691bc4
+# %% ../nbs/00_core.ipynb #6994021d
 class Optimizer(fastai.optimizer.Optimizer):
     "fastai's `Optimizer` with validated hypers, torch.optim's input checks, and one place that decides how a group steps"
     def __init__(self,
@@ -177,11 +177,12 @@ class Optimizer(fastai.optimizer.Optimizer):
             for end in (v.start, v.stop):
                 if end is not None: check_hyper(k, end, self.hyper_rules)
         elif not (isinstance(v, (list, tuple, L)) or getattr(v, 'ndim', 0) > 0): check_hyper(k, v, self.hyper_rules)
+        if isinstance(v, Tensor) and v.ndim == 0: v = v.item()   # fastai's `set_hyper` cannot take a 0-d tensor
         super().set_hyper(k, v)
 
     def _set_hyper(self, k, v):
         for v_ in v: check_hyper(k, v_, self.hyper_rules)
-        super()._set_hyper(k, v)
+        super()._set_hyper(k, [v_.item() if isinstance(v_, Tensor) and v_.numel() == 1 else v_ for v_ in v])
 
     def prepend_cb(self,
         cb:Callable, # A stat to run before all the others, such as a gradient transform
