@@ -161,7 +161,7 @@ def _dynamic(k, v) -> bool:
     "Whether hyper `k` goes into a fused graph as a tensor (numbers that may change every step) or as it is"
     return k not in static_hypers and isinstance(v, numbers.Real) and not isinstance(v, bool)
 
-# %% ../nbs/00_core.ipynb #2a388f1b
+# %% ../nbs/00_core.ipynb #0b4af557
 class Optimizer(fastai.optimizer.Optimizer):
     "fastai's `Optimizer` with validated hypers, torch.optim's input checks, and one place that decides how a group steps"
     def __init__(self,
@@ -226,12 +226,12 @@ class Optimizer(fastai.optimizer.Optimizer):
         if not self.fused:
             self._run(group_step, live, hyper)
             return self._seen.update(map(id, live))
-        fresh = [p for p in live if id(p) not in self._seen]
-        if fresh: self._run(group_step, fresh, hyper)
+        eager = [p for p in live if id(p) not in self._seen or p.ndim == 0]   # first steps, and 0-d parameters (see below)
+        if eager: self._run(group_step, eager, hyper)
         buckets = {}
         for p in live:
-            if id(p) in self._seen: buckets.setdefault((p.device, p.dtype), []).append(p)
-        self._seen.update(map(id, fresh))
+            if id(p) in self._seen and p.ndim > 0: buckets.setdefault((p.device, p.dtype), []).append(p)
+        self._seen.update(map(id, eager))
         for (device,dtype),ps in buckets.items(): self._run_fused((group, device, dtype), ps, hyper)
 
     @torch.no_grad()
