@@ -87,7 +87,7 @@ def _check_params(params:L):
         if id(p) in seen: raise ValueError(f"a parameter of shape {tuple(p.shape)} appears more than once; each parameter must be in exactly one group, once")
         seen.add(id(p))
 
-# %% ../nbs/00_core.ipynb #96a9c8b7
+# %% ../nbs/00_core.ipynb #69ff2806
 def _cb_attr(cb, name):
     "Attribute `name` of callback `cb`, looking through `functools.partial`"
     return getattr(cb, name, None) or getattr(getattr(cb, 'func', None), name, None)
@@ -105,6 +105,12 @@ def _spread(k, v:slice, n:int, rules) -> list:
     if not v.start: return [v.stop / 10] * (n - 1) + [v.stop]
     if n == 1: return [v.stop]
     return [v.start, *even_mults(v.start, v.stop, n)[1:-1], v.stop]
+
+def _plain(v):
+    "A hyper value as fastai and torch expect it: one-element tensors and other real types (numpy, `Fraction`) as a float"
+    if isinstance(v, Tensor) and v.numel() == 1: return v.item()
+    if isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)): return float(v)
+    return v
 
 def _cb_name(cb) -> str:
     "A callback's function name, looking through `functools.partial`"
@@ -161,7 +167,7 @@ def _dynamic(k, v) -> bool:
     "Whether hyper `k` goes into a fused graph as a tensor (numbers that may change every step) or as it is"
     return k not in static_hypers and isinstance(v, numbers.Real) and not isinstance(v, bool)
 
-# %% ../nbs/00_core.ipynb #0b4af557
+# %% ../nbs/00_core.ipynb #5004be85
 class Optimizer(fastai.optimizer.Optimizer):
     "fastai's `Optimizer` with validated hypers, torch.optim's input checks, and one place that decides how a group steps"
     def __init__(self,
@@ -194,7 +200,7 @@ class Optimizer(fastai.optimizer.Optimizer):
 
     def _set_hyper(self, k, v):
         for v_ in v: check_hyper(k, v_, self.hyper_rules)
-        super()._set_hyper(k, [v_.item() if isinstance(v_, Tensor) and v_.numel() == 1 else v_ for v_ in v])
+        super()._set_hyper(k, [_plain(v_) for v_ in v])
 
     def prepend_cb(self,
         cb:Callable, # A stat to run before all the others, such as a gradient transform

@@ -91,12 +91,13 @@ def StableAdam(
     cbs = [partial(record_init_rms, predicate=scale_invariant), weight_decay_cb(decouple_wd), *adam_stats, stable_adam_step]
     return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
-# %% ../nbs/05_scale_invariant.ipynb #0d39d4f4
+# %% ../nbs/05_scale_invariant.ipynb #e51e749e
 def restore_init_rms(p, init_rms=None, **kwargs):
-    "For a scale-invariant `p`, rescale each output channel back to its `init_rms` (channels with RMS 0 unchanged)"
+    "For a scale-invariant `p`, rescale each output channel back to its `init_rms` (channels with RMS 0, or off by 2 ulps or less, unchanged)"
     if init_rms is None: return
     now = channel_rms(p.data)
-    p.data.mul_(torch.where(now > 0, init_rms / now, 1.))
+    factor = torch.where(now > 0, init_rms / now, 1.)
+    p.data.mul_(torch.where((factor - 1).abs() > 2 * torch.finfo(p.dtype).eps, factor, 1.))
 
 # %% ../nbs/05_scale_invariant.ipynb #dbe0ea72
 def AdamAWD(
