@@ -87,7 +87,7 @@ def _check_params(params:L):
         if id(p) in seen: raise ValueError(f"a parameter of shape {tuple(p.shape)} appears more than once; each parameter must be in exactly one group, once")
         seen.add(id(p))
 
-# %% ../nbs/00_core.ipynb #69ff2806
+# %% ../nbs/00_core.ipynb #101e90fa
 def _cb_attr(cb, name):
     "Attribute `name` of callback `cb`, looking through `functools.partial`"
     return getattr(cb, name, None) or getattr(getattr(cb, 'func', None), name, None)
@@ -122,7 +122,7 @@ def _fits(t:Tensor, p:Tensor) -> bool:
 
 def _check_state_dict(opt, sd:dict):
     "Raise a `ValueError` saying why `sd` cannot be loaded into `opt`, if it cannot"
-    params = [p for pg in opt.param_lists for p in pg]
+    params = opt._all_params()
     if not isinstance(sd, dict) or not {'state', 'hypers'} <= set(sd):
         raise ValueError(f"not an optimizer state dict: expected a dict with 'state' and 'hypers', got {type(sd).__name__}"
                          + (f" with keys {sorted(sd)}" if isinstance(sd, dict) else ''))
