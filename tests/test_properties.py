@@ -236,6 +236,15 @@ def test_slice_with_valid_ends_is_accepted(case, at_construction):
     assert vals[0] == float(v.start if n > 1 else v.stop) and vals[-1] == pytest.approx(float(v.stop), rel=1e-12)
     assert all(allowed(x, RANGES[name, k]) for x in vals)
 
+def assert_refused(name, k, n, v, at_construction):
+    "`v` for hyper `k` raises ValueError at construction or from `set_hyper`, leaving the hypers as they were"
+    opt = build(name, n)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=f'^Invalid {k}: '):
+        if at_construction: build(name, n, **{k: v})
+        else: opt.set_hyper(k, v)
+    assert snapshot(opt) == before
+
 @st.composite
 def wrong_counts(draw, r, n):
     "A container of m values with m not 1 (which fastai broadcasts) and not n, or a slice without a stop"
@@ -253,13 +262,7 @@ def wrong_counts(draw, r, n):
 @example(('SGD', 'mom', 1, torch.tensor([0.5, 0.6])), True).via('discovered failure')
 def test_wrong_number_of_values_is_refused(case, at_construction):
     "Multi-element tensors and arrays, lists of the wrong length and stop-less slices raise ValueError, changing nothing"
-    name, k, n, v = case
-    opt = build(name, n)
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match=f'^Invalid {k}: '):
-        if at_construction: build(name, n, **{k: v})
-        else: opt.set_hyper(k, v)
-    assert snapshot(opt) == before
+    assert_refused(*case, at_construction)
 
 @settings(deadline=None, max_examples=60, suppress_health_check=SLOW)
 @given(hyper_cases(lambda r, n: st.tuples(st.sampled_from([-1, 1]), st.integers(309, 1000)).map(lambda t: t[0] * 10**t[1]), hypers=NUMERIC),
@@ -267,13 +270,7 @@ def test_wrong_number_of_values_is_refused(case, at_construction):
 @example(('Adam', 'lr', 1, -10**400), True).via('discovered failure')
 def test_int_too_large_for_a_float_is_refused(case, at_construction):
     "An int beyond float range (negative: below every range; positive: no float to step with) raises ValueError"
-    name, k, n, v = case
-    opt = build(name, n)
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match=f'^Invalid {k}: '):
-        if at_construction: build(name, n, **{k: v})
-        else: opt.set_hyper(k, v)
-    assert snapshot(opt) == before
+    assert_refused(*case, at_construction)
 
 # ---------------------------------------------------------------- runs: shared by properties 2-5
 

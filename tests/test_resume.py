@@ -6,6 +6,7 @@ from functools import partial
 import pytest
 import torch
 from fastai.callback.core import Callback, CancelFitException
+from fastai.optimizer import Adam as FastaiAdam, SGD as FastaiSGD
 import fastopt
 from fastopt.cli import optimizers
 from fastopt.digits import digits_learner, digits_hypers
@@ -88,7 +89,7 @@ BAD_LOADS = [
     ('two groups into one', lambda: stepped(fastopt.Adam, [params(3), params(2)], lr=1e-3), '2 parameter groups, this optimizer has 1'),
     ('one parameter short', lambda: stepped(fastopt.Adam, params(3), lr=1e-3), 'state for 1 parameters, this optimizer has 2'),
     ('a different optimizer', lambda: stepped(fastopt.AMSGrad, params(3, 2), lr=1e-3), 'saved by a different optimizer'),
-    ('different hypers (fastai)', lambda: stepped(__import__('fastai.optimizer').optimizer.SGD, params(3, 2), lr=1e-3), 'saved by a different optimizer'),
+    ('different hypers (fastai)', lambda: stepped(FastaiSGD, params(3, 2), lr=1e-3), 'saved by a different optimizer'),
     ('a different model', lambda: stepped(fastopt.Adam, params(2, 3), lr=1e-3), "'grad_avg' has shape (2,), the parameter has shape (3,)"),
     ('an invalid hyper', lambda: {**stepped(fastopt.Adam, params(3, 2), lr=1e-3).state_dict(), 'hypers': [dict(lr=-1., mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01)]},
      'Invalid lr: -1.0'),
@@ -106,13 +107,10 @@ def test_bad_state_dict_is_refused_before_anything_changes(case, make, msg):
 
 def test_fastai_state_dict_loads_into_its_namesake():
     "A fastai Adam's state (integer step) loads into fastopt's Adam, which continues exactly as fastai's would"
-    from fastai.optimizer import Adam as FastaiAdam
-    ps = [p.double() for p in params(3, 4)]
-    ps = [p.detach().requires_grad_() for p in ps]
-    qs = [p.detach().clone().requires_grad_() for p in ps]
+    ps = [p.detach().double().requires_grad_() for p in params(3, 4)]
     ours = stepped(FastaiAdam, ps, lr=1e-2)
+    qs = [p.detach().clone().requires_grad_() for p in ps]
     mine = fastopt.Adam(qs, lr=1e-2)
-    for p,q in zip(ps, qs): q.data.copy_(p)
     mine.load_state_dict(copy.deepcopy(ours.state_dict()))
     for _ in range(3):
         for p,q in zip(ps, qs): p.grad = torch.randn_like(p); q.grad = p.grad.clone()
