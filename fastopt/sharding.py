@@ -6,14 +6,27 @@ Docs: https://fastopt.github.io/fastopt/sharding.html.md"""
 
 # %% ../nbs/08_sharding.ipynb #e41cf36c
 from __future__ import annotations
+import copy, os
+from collections import Counter
+from contextlib import contextmanager
 from typing import Callable
 import torch
-from torch import Tensor
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn, Tensor
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.debug import CommDebugMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from fastcore.basics import patch
+from fastai.callback.core import Callback
+from fastai.learner import Learner
 
 # %% auto #0
-__all__ = ['probe_shapes', 'reductions']
+__all__ = ['probe_shapes', 'reductions', 'local', 'count_collectives', 'step_collectives', 'sharded_state_dict',
+           'load_sharded_state_dict', 'save_sharded', 'load_sharded', 'block_policy', 'shard_model', 'rank_split',
+           'ShardedSync']
 
 # %% ../nbs/08_sharding.ipynb #ed462915
 class _ReductionRecorder(TorchDispatchMode):
@@ -53,3 +66,173 @@ def reductions(
     res = {}
     for name,kind in sorted(rec.found, key=lambda t: list(probe_shapes).index(t[0])): res.setdefault(kind, []).append(name)
     return res
+
+# %% ../nbs/08_sharding.ipynb #89893155
+def local(t:Tensor) -> Tensor:
+    "The part of `t` this rank holds: a DTensor's local shard, any other tensor itself"
+    return t.to_local() if isinstance(t, DTensor) else t
+
+@contextmanager
+def count_collectives():
+    "Count the collectives that DTensor operations issue in the block: yields a `Counter` of op names, filled when the block ends"
+    res,mode = Counter(),CommDebugMode()
+    with mode: yield res
+    res.update({str(op).split('.')[-1]: n for op,n in mode.get_comm_counts().items()})
+
+def step_collectives(
+    opt, # An eager fastopt `Optimizer` (torch.compile cannot trace under the counter, so a fused one is refused)
+) -> list:
+    "Step `opt` once, group by group, and return the collectives each group's step issued: one `Counter` per group"
+    if opt.fused: raise ValueError("step_collectives counts eager steps only: a fused step cannot compile under the counter; count the compiled graph instead")
+    res = []
+    for i,(ps,hyper) in enumerate(zip(opt.param_lists, opt.hypers)):
+        with count_collectives() as c: opt.step_group(ps, hyper, i)
+        res.append(c)
+    return res
+
+# %% ../nbs/08_sharding.ipynb #aaa21729
+def _param_names(model:nn.Module, opt) -> list:
+    "The name in `model` of each of `opt`'s parameters, in the optimizer's order"
+    names = {id(p): n for n,p in model.named_parameters(remove_duplicate=False)}
+    missing = [tuple(p.shape) for p in opt._all_params() if id(p) not in names]
+    if missing: raise ValueError(f"the optimizer holds {len(missing)} parameters that are not in the model (shapes {missing[:3]}): "
+                                 "was it created before `fully_shard` replaced the model's parameters?")
+    return [names[id(p)] for p in opt._all_params()]
+
+def _kind(v:Tensor, p:Tensor) -> tuple:
+    "What a state tensor is, so that a load can make room for it: ('param',) shaped like `p`, or ('tensor', shape, dtype)"
+    return ('param',) if v.shape == p.shape and v.dtype == p.dtype else ('tensor', tuple(v.shape), v.dtype)
+
+def sharded_state_dict(
+    model:nn.Module, # The model, sharded with `fully_shard` or not
+    opt, # Its fastopt `Optimizer`
+) -> dict:
+    "Model and optimizer state keyed by parameter name, DTensors left sharded: what `torch.distributed.checkpoint` saves"
+    names,sd = _param_names(model, opt),opt.state_dict()
+    tensors = {n: {k: v for k,v in s.items() if isinstance(v, Tensor)} for n,s in zip(names, sd['state'])}
+    meta = dict(hypers=sd['hypers'], cbs=sd['cbs'], stepped=[names[i] for i in sd['stepped']],
+                values={n: {k: v for k,v in s.items() if not isinstance(v, Tensor)} for n,s in zip(names, sd['state'])},
+                kinds={n: {k: _kind(v, p) for k,v in tensors[n].items()} for n,p in zip(names, opt._all_params())})
+    return {'model': model.state_dict(), 'optim': tensors, 'optim_meta': (meta,)}   # a tuple: DCP saves it whole, as one object
+
+# %% ../nbs/08_sharding.ipynb #932d12af
+def _room(kind:tuple, p:Tensor) -> Tensor:
+    "A tensor shaped as `kind` says and sharded like parameter `p`, for a load to write into"
+    if kind[0] == 'param': return torch.zeros_like(p)
+    shape,dtype = kind[1:]
+    if isinstance(p, DTensor) and len(shape) == p.ndim and shape[0] == p.shape[0]:   # a value per output channel: sharded with them
+        return distribute_tensor(torch.zeros(shape, dtype=dtype, device=local(p).device), p.device_mesh, p.placements)
+    return torch.zeros(shape, dtype=dtype, device=local(p).device)
+
+def _no_dist() -> bool: return not (dist.is_available() and dist.is_initialized())
+
+def load_sharded_state_dict(
+    model:nn.Module, # The model, sharded or not, over any number of ranks
+    opt, # Its fastopt `Optimizer`, fresh or stepped
+    path, # A folder that `dcp.save(sharded_state_dict(...))` (or `save_sharded`) wrote
+):
+    "Load the model and optimizer state in `path` into `model` and `opt`, resharding it to their layout"
+    names = _param_names(model, opt)
+    head = {'optim_meta': None}
+    dcp.load(head, checkpoint_id=path, no_dist=_no_dist())
+    meta, = head['optim_meta']
+    if set(meta['kinds']) != set(names):
+        raise ValueError(f"the checkpoint in {path} does not fit this optimizer: it has state for {sorted(set(meta['kinds']) - set(names))[:5]}, "
+                         f"which the optimizer lacks, and lacks {sorted(set(names) - set(meta['kinds']))[:5]}")
+    by_name = dict(zip(names, opt._all_params()))
+    sd = {'model': model.state_dict(), 'optim': {n: {k: _room(kd, by_name[n]) for k,kd in ks.items()} for n,ks in meta['kinds'].items()}}
+    dcp.load(sd, checkpoint_id=path, no_dist=_no_dist())
+    model.load_state_dict(sd['model'])
+    pos = {n: i for i,n in enumerate(names)}
+    opt.load_state_dict({'state': [{**meta['values'][n], **sd['optim'][n]} for n in names], 'hypers': meta['hypers'],
+                         'cbs': meta['cbs'], 'stepped': [pos[n] for n in meta['stepped']]})
+
+# %% ../nbs/08_sharding.ipynb #16689b93
+def save_sharded(
+    learn:Learner, # A `Learner`, its model sharded with `fully_shard` or not
+    path, # A folder: every rank writes its own shards into it
+):
+    "Save `learn`'s model and optimizer with `torch.distributed.checkpoint`, every rank writing the shards it holds"
+    if learn.opt is None: learn.create_opt()
+    dcp.save(sharded_state_dict(learn.model, learn.opt), checkpoint_id=path, no_dist=_no_dist())
+
+def load_sharded(
+    learn:Learner, # A `Learner` for the same model and optimizer, over any number of ranks
+    path, # A folder `save_sharded` wrote
+):
+    "Load what `save_sharded` wrote into `learn`'s model and optimizer, resharding as needed"
+    if learn.opt is None: learn.create_opt()
+    load_sharded_state_dict(learn.model, learn.opt, path)
+
+Learner.save_sharded,Learner.load_sharded = save_sharded,load_sharded   # learn.save_sharded(path), learn.load_sharded(path)
+
+# %% ../nbs/08_sharding.ipynb #565d9b60
+def block_policy(model:nn.Module) -> list:
+    "The default sharding units: each child of `model` that holds parameters (a block such as conv-BN-ReLU, or a layer)"
+    return [m for m in model.children() if next(m.parameters(), None) is not None]
+
+def shard_model(
+    model:nn.Module, # The model, sharded in place
+    policy:Callable=block_policy, # `policy(model)` lists the modules to shard as units (each all-gathered as one), innermost first
+    **kwargs # Passed to every `fully_shard`, such as `mesh` or `reshard_after_forward`
+) -> nn.Module:
+    "`fully_shard` each module `policy` lists, then `model` itself: every parameter becomes a DTensor sharded on dim 0"
+    for m in policy(model): fully_shard(m, **kwargs)
+    return fully_shard(model, **kwargs)
+
+# %% ../nbs/08_sharding.ipynb #17effb3e
+def rank_split(
+    dl, # A fastai `DataLoader` of the whole data (batch size `bs`)
+    rank:int|None=None, # This process's rank; `dist.get_rank()` if None
+    world_size:int|None=None, # The number of ranks; `dist.get_world_size()` if None
+):
+    "A copy of `dl` that yields this rank's `bs/world_size` rows of each of `dl`'s batches, in one shuffled order that rank 0 decides; runs on the CPU"
+    rank = dist.get_rank() if rank is None else rank
+    world_size = dist.get_world_size() if world_size is None else world_size
+    if not 0 <= rank < world_size: raise ValueError(f"Invalid rank: {rank} (expected 0 <= rank < world_size = {world_size})")
+    if dl.bs % world_size: raise ValueError(f"Invalid world_size: {world_size} (the batch size {dl.bs} must be a multiple of it, so that every rank gets as many rows)")
+    new,n = dl.new(bs=dl.bs // world_size),dl.n
+    new.n = n // world_size
+    def get_idxs():
+        idxs = new.shuffle_fn(list(range(n))) if new.shuffle else list(range(n))
+        if not _no_dist():
+            box = [idxs]
+            dist.broadcast_object_list(box, src=0)   # ranks seeded differently still agree
+            idxs = box[0]
+        return idxs[:new.n * world_size][rank::world_size]
+    new.get_idxs = get_idxs
+    return new
+
+# %% ../nbs/08_sharding.ipynb #5e81ddb9
+def _sync_buffers(model:nn.Module):
+    "Broadcast `model`'s buffers (BatchNorm's running statistics, which FSDP2 leaves per rank) from rank 0, as DDP does"
+    for b in model.buffers():
+        if not isinstance(b, DTensor): dist.broadcast(b, src=0)
+
+class ShardedSync(Callback):
+    "Keep the ranks of a sharded `Learner` in agreement where FSDP2 does not: buffers from rank 0 before validating and after fitting"
+    order = 5
+    def before_validate(self): _sync_buffers(self.learn.model)
+    def after_fit(self): _sync_buffers(self.learn.model)
+
+@patch
+@contextmanager
+def sharded_ctx(self:Learner,
+    policy:Callable=block_policy, # Chooses the modules to shard as units (see `shard_model`)
+    backend:str|None=None, # For a process group this starts: 'nccl' with CUDA, 'gloo' otherwise
+    **kwargs # Passed to `fully_shard`
+):
+    "Train sharded with FSDP2 in this block: shard the model, give each rank its part of every training batch, keep buffers in step"
+    if self.opt is not None:
+        raise ValueError("sharded_ctx must come before the optimizer exists (before the first fit or `create_opt`): "
+                         "fully_shard replaces the parameters, so an optimizer made earlier would step the old ones")
+    started = _no_dist()
+    if started: dist.init_process_group(backend or ('nccl' if torch.cuda.is_available() else 'gloo'))   # torchrun's environment
+    shard_model(self.model, policy, **kwargs)
+    train,cb = self.dls.loaders[0],ShardedSync()
+    self.dls.loaders[0] = rank_split(train)
+    self.add_cb(cb)
+    try: yield self
+    finally:
+        self.dls.loaders[0] = train
+        self.remove_cb(cb)

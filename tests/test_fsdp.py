@@ -1,0 +1,344 @@
+"""fastopt optimizers on FSDP2 (`fully_shard`) parameters: gloo processes on the CPU, float64.
+
+The model is a small BatchNorm CNN whose shards are uneven on 2 ranks (5 output channels split 3/2, a 3-row linear
+head split 2/1) and partly empty on 4 (5 rows split 2/2/1/0, 3 rows 1/1/1/0); `fully_shard` wraps every conv and
+linear and then the root (which takes the BatchNorm's parameters). Two parameter groups: the body and the head.
+A sharded run is compared with one process that accumulates the same per-rank pieces of each batch (each rank's loss
+is the mean over its rows; FSDP2 averages the ranks' gradients, so the one process adds loss/WORLD of each piece).
+BatchNorm normalizes over each rank's rows, so a run over 4 ranks computes a different function from one over 2;
+each is compared with the one process accumulating the same number of pieces.
+
+One 2-rank spawn runs all the 2-rank cases (its startup costs more than they do), one 4-rank spawn the resharded load:
+- `exact`: all 18 optimizers, eager, N_STEPS steps: the parameters after every step equal the one process within
+  `TOL`; every state tensor the size of a parameter is sharded like it (Shard(0)), per-channel state is sharded with
+  its channels, per-tensor state is a replicated scalar; no operation in a step makes a tensor larger than the
+  largest local parameter shard (so nothing is gathered to full size); the collectives of every step of every group,
+  counted by `CommDebugMode`, are those of `EXPECTED_COLLECTIVES`.
+- `ckpt`: after 2 steps, `sharded_state_dict` is saved with `torch.distributed.checkpoint`; a fresh model and
+  optimizer load it and continue bit-identically to the uninterrupted run. One process (no process group) and 4 ranks
+  load the same checkpoint and continue within `RESHARD_TOL` of the one-process reference.
+- `digits`: fastai's `Learner` on scikit-learn's digits under `Learner.sharded_ctx` (FSDP2 per block, `rank_split`
+  data): the ranks agree on the validation accuracy and on every parameter; the accuracy is within the spread of
+  one-process runs over seeds; `Learner.save_sharded` writes a checkpoint that one process loads and validates to the
+  same accuracy.
+The ranks' init uses a FileStore in pytest's tmp dir, so parallel runs on one machine cannot clash on a port."""
+import contextlib, functools, math, os, time, traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+import fastopt
+from fastopt.cli import optimizers
+from fastopt.sharding import sharded_state_dict, load_sharded_state_dict, step_collectives, local
+
+NAMES = list(optimizers) + ['SGD', 'RMSProp', 'QHAdam', 'Larc']
+HYPERS = dict(SUAdam=dict(lr=0.3), BAdam=dict(lr=0.3, beta=5.), DuvAdam=dict(lr=0.3), SGD=dict(lr=0.1, mom=0.9), Larc=dict(lr=1.))
+N_STEPS, BS, DTYPE = 4, 12, torch.float64
+TOL = dict(rtol=1e-9, atol=1e-12)
+RESHARD_TOL = dict(rtol=1e-12, atol=1e-14)
+CKPT_NAMES = ['Lamb', 'StableAdam', 'BAdam']   # per-tensor norms, per-channel state (init_rms), previous-step state
+JOIN_TIMEOUT = 600
+
+# collectives per step of each group (body: conv, BN, conv: 5 tensors; head: linear weight and bias), from the
+# reductions each optimizer computes: each use of a per-tensor reduction that is still a partial (unreduced) DTensor
+# issues an all-reduce of one number; per-channel reductions are local under Shard(0) and issue none
+PER_TENSOR_ALL_REDUCES = dict(Lamb=4, UM=2, PreLamb=4, SUAdam=2, BAdam=3, Larc=3)
+BODY, HEAD = 5, 2
+
+# ---------------------------------------------------------------- the problem
+
+def make_model():
+    "Conv (no bias: BN follows) - BN - ReLU - conv - ReLU - linear; the same weights every call"
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5), nn.ReLU(),
+                         nn.Conv2d(5, 5, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 3 * 3, 3)).to(DTYPE)
+
+def shard(model):
+    for m in model:
+        if isinstance(m, (nn.Conv2d, nn.Linear)): fully_shard(m)
+    return fully_shard(model)
+
+def batches(n=N_STEPS, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(BS, 1, 8, 8, generator=g, dtype=DTYPE), torch.randint(0, 3, (BS,), generator=g)) for _ in range(n)]
+
+def make_opt(name, model):
+    ps = list(model.parameters())
+    return getattr(fastopt, name)([ps[:5], ps[5:]], **{'lr': 1e-2, **HYPERS.get(name, {})})
+
+def full(t): return t.full_tensor() if isinstance(t, DTensor) else t
+def snapshot(model): return [full(p.detach()).clone() for p in model.parameters()]
+
+def backward(model, xb, yb, world, rank=None):
+    "rank None: one process accumulating the `world` pieces; otherwise this rank's piece"
+    for r in (range(world) if rank is None else [rank]):
+        loss = nn.functional.cross_entropy(model(xb[r::world]), yb[r::world])
+        (loss / world if rank is None else loss).backward()
+
+def train(model, opt, bs, world, rank=None, count=False, watch=None):
+    "Step on `bs`; return the parameters after each step (and, if `count`, each step's collectives per group), each step under `watch` if given"
+    snaps, counts = [], []
+    for xb, yb in bs:
+        backward(model, xb, yb, world, rank)
+        with watch or contextlib.nullcontext():
+            if count: counts.append([dict(c) for c in step_collectives(opt)])
+            else: opt.step()
+        opt.zero_grad()
+        snaps.append(snapshot(model))
+    return snaps, counts
+
+# ---------------------------------------------------------------- what a rank checks about itself
+
+class LargestLocal(torch.utils._python_dispatch.TorchDispatchMode):
+    "The most elements any operation's output holds on this rank (a DTensor's local shard)"
+    def __init__(self): super().__init__(); self.most = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(o, torch.Tensor): self.most = max(self.most, local(o).numel())
+        return out
+
+def state_layout(opt):
+    "For every state tensor: (parameter index, key, placements or None for a plain tensor, global shape, local numel)"
+    res = []
+    for i, p in enumerate(opt._all_params()):
+        for k, v in sorted(opt.state[p].items()):
+            if isinstance(v, torch.Tensor):
+                res.append((i, k, tuple(v.placements) if isinstance(v, DTensor) else None, tuple(v.shape), local(v).numel()))
+    return res
+
+def state_bytes(opt):
+    return sum(local(v).numel() * v.element_size() for p in opt._all_params() for v in opt.state[p].values() if isinstance(v, torch.Tensor))
+
+def job_exact(rank, world, out):
+    res = {}
+    for name in NAMES:
+        model = shard(make_model())
+        opt = make_opt(name, model)
+        mode = LargestLocal()
+        snaps, counts = train(model, opt, batches(), world, rank, count=True, watch=mode)
+        res[name] = dict(snaps=snaps, counts=counts, layout=state_layout(opt), state_bytes=state_bytes(opt),
+                         largest_temp=mode.most, largest_shard=max(local(p).numel() for p in model.parameters()))
+    return res
+
+def plain(sd):
+    "An optimizer state dict with each DTensor gathered: what another process can load"
+    return {**sd, 'state': [{k: full(v) if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in sd['state']]}
+
+def job_ckpt(rank, world, out):
+    res = {}
+    for name in CKPT_NAMES:
+        model = shard(make_model())
+        opt = make_opt(name, model)
+        bs = batches()
+        train(model, opt, bs[:2], world, rank)
+        dcp.save(sharded_state_dict(model, opt), checkpoint_id=os.path.join(out, f'ckpt-{name}'))
+        going, _ = train(model, opt, bs[2:], world, rank)
+        model2 = shard(make_model())
+        opt2 = make_opt(name, model2)
+        load_sharded_state_dict(model2, opt2, os.path.join(out, f'ckpt-{name}'))
+        resumed, _ = train(model2, opt2, bs[2:], world, rank)
+        res[name] = dict(going=going, resumed=resumed, sd=plain(opt.state_dict()), sd2=plain(opt2.state_dict()))
+    return res
+
+def job_reshard(rank, world, out):
+    res = {}
+    for name in CKPT_NAMES:
+        model = shard(make_model())
+        opt = make_opt(name, model)
+        load_sharded_state_dict(model, opt, os.path.join(out, f'ckpt-{name}'))
+        res[name], _ = train(model, opt, batches()[2:], world, rank)
+    return res
+
+DIGITS = dict(opt='Lamb', lr=3e-2, epochs=2)
+
+def digits_fit(learn):
+    learn.fit_one_cycle(DIGITS['epochs'], DIGITS['lr'])
+    return learn.recorder.values[-1][-1]   # accuracy on the validation set
+
+def job_digits(rank, world, out):
+    from fastopt.digits import digits_learner
+    learn = digits_learner(getattr(fastopt, DIGITS['opt']), seed=0)
+    with learn.no_bar(), learn.sharded_ctx():
+        n_batches = len(learn.dls.train)
+        acc = digits_fit(learn)
+        learn.save_sharded(os.path.join(out, 'ckpt-digits'))
+    sizes = [local(p).numel() for p in learn.model.parameters()]
+    return dict(acc=acc, params=snapshot(learn.model), n_batches=n_batches, local_sizes=sizes,
+                state_bytes=state_bytes(learn.opt), bn=[b.clone() for b in learn.model.buffers()])
+
+JOBS = dict(exact=job_exact, ckpt=job_ckpt, reshard=job_reshard, digits=job_digits)
+
+# ---------------------------------------------------------------- spawning
+
+def _worker(rank, world, out, jobs):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f"file://{out}/store-{world}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=300))
+    try:
+        for job in jobs:
+            t0 = time.perf_counter()
+            try: res = JOBS[job](rank, world, out)
+            except BaseException: res = dict(error=traceback.format_exc())   # DCP raises CheckpointException, a BaseException
+            torch.save(dict(res=res, seconds=time.perf_counter() - t0), os.path.join(out, f"{job}-{world}-rank{rank}.pt"))
+    finally: dist.destroy_process_group()
+
+def spawn(world, jobs, out):
+    t0 = time.perf_counter()
+    ctx = mp.start_processes(_worker, args=(world, str(out), jobs), nprocs=world, join=False, start_method='spawn')
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive(): p.terminate()
+            pytest.fail(f"the {world} ranks did not finish {jobs} within {JOIN_TIMEOUT} s")
+    res = {}
+    for job in jobs:
+        ranks = [torch.load(out / f"{job}-{world}-rank{r}.pt", weights_only=False) for r in range(world)]
+        for r, d in enumerate(ranks):
+            if 'error' in d['res']: pytest.fail(f"{job} raised on rank {r} of {world}:\n{d['res']['error']}")
+        print(f"\n{job} on {world} ranks: {max(d['seconds'] for d in ranks):.1f} s (spawn total {time.perf_counter() - t0:.1f} s)")
+        res[job] = [d['res'] for d in ranks]
+    return res
+
+@pytest.fixture(scope='module')
+def out(tmp_path_factory): return tmp_path_factory.mktemp('fsdp')
+
+@pytest.fixture(scope='module')
+def two(out): return spawn(2, ['exact', 'ckpt', 'digits'], out)
+
+@pytest.fixture(scope='module')
+def four(two, out): return spawn(4, ['reshard'], out)   # after `two`, which writes the checkpoints
+
+@functools.lru_cache(maxsize=None)
+def reference(name, world=2, ckpt=None):
+    "One process accumulating `world` pieces of each batch; from a checkpoint (steps 3 on) if `ckpt`"
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = make_opt(name, model)
+    bs = batches()
+    if ckpt:
+        load_sharded_state_dict(model, opt, ckpt)
+        bs = bs[2:]
+    return train(model, opt, bs, world)[0]
+
+def assert_snaps_close(a, b, tol, label):
+    assert len(a) == len(b) > 0
+    for t, (sa, sb) in enumerate(zip(a, b)):
+        for i, (p, q) in enumerate(zip(sa, sb)):
+            torch.testing.assert_close(p, q, **tol, msg=lambda m: f"{label}: parameter {i} after step {t + 1}: {m}")
+
+def rel_err(a, b): return max(((p - q).abs().max() / q.abs().max()).item() for sa, sb in zip(a, b) for p, q in zip(sa, sb))
+
+# ---------------------------------------------------------------- tests
+
+@pytest.mark.parametrize('name', NAMES)
+def test_fsdp_equals_one_process(two, name):
+    "Under FSDP2 with uneven shards, every optimizer's parameters equal one process's after every step, on both ranks"
+    ref = reference(name)
+    init = [p.detach() for p in make_model().parameters()]
+    for i, (p, p0) in enumerate(zip(ref[-1], init)):   # LARS scales each step by |p|: a zero-initialized tensor (BN's bias) stays 0
+        assert (p - p0).abs().max() > 1e-6 or (name == 'Larc' and not p0.any()), f"{name}: parameter {i} barely moved"
+    for r, res in enumerate(two['exact']):
+        assert_snaps_close(res[name]['snaps'], ref, TOL, f"{name} rank {r}")
+    print(f"{name}: max relative error {rel_err(two['exact'][0][name]['snaps'], ref):.1e}")
+
+def expected_collectives(name):
+    n = PER_TENSOR_ALL_REDUCES.get(name, 0)
+    return [{'all_reduce': n * BODY} if n else {}, {'all_reduce': n * HEAD} if n else {}]
+
+@pytest.mark.parametrize('name', NAMES)
+def test_fsdp_collectives(two, name):
+    "Each eager step issues the collectives of `expected_collectives`: none for elementwise and per-channel optimizers"
+    for r, res in enumerate(two['exact']):
+        for t, counts in enumerate(res[name]['counts']):
+            assert counts == expected_collectives(name), f"{name} rank {r} step {t + 1}: {counts}"
+
+@pytest.mark.parametrize('name', NAMES)
+def test_fsdp_state_sharded(two, name):
+    "State the size of a parameter is sharded like it, per-channel state with its channels; no step makes anything larger than a local shard"
+    model = make_model()
+    ps = list(model.parameters())
+    for r, res in enumerate(two['exact']):
+        layout = res[name]['layout']
+        assert layout, f"{name}: no state tensors"
+        for i, k, placements, shape, n in layout:
+            p = ps[i]
+            if shape == tuple(p.shape) or (len(shape) == p.ndim and shape[0] == p.shape[0] and len(shape) > 0):
+                assert placements == (Shard(0),), f"{name} rank {r}: state {k!r} of parameter {i} is {placements}, not sharded"
+            else:
+                assert n == 1, f"{name} rank {r}: state {k!r} of parameter {i} has shape {shape}, neither per element, per channel nor per tensor"
+        assert res[name]['largest_temp'] <= res[name]['largest_shard'], \
+            f"{name} rank {r}: a step made a tensor of {res[name]['largest_temp']} values, larger than any local shard ({res[name]['largest_shard']})"
+    one = make_opt(name, make_model())
+    total = sum(r[name]['state_bytes'] for r in two['exact'])
+    print(f"{name}: optimizer state per rank {[r[name]['state_bytes'] for r in two['exact']]} bytes, {total} in all")
+
+@pytest.mark.parametrize('name', CKPT_NAMES)
+def test_checkpoint_resumes_bit_identically(two, name):
+    "Loaded on the 2 ranks that saved it, a sharded checkpoint continues bit for bit like the run that saved it"
+    for r, res in enumerate(two['ckpt']):
+        d = res[name]
+        for t, (a, b) in enumerate(zip(d['going'], d['resumed'])):
+            for i, (p, q) in enumerate(zip(a, b)): assert torch.equal(p, q), f"{name} rank {r}: parameter {i} differs {t + 1} steps after the load"
+        sa, sb = d['sd'], d['sd2']
+        assert sa['hypers'] == sb['hypers'] and sa['stepped'] == sb['stepped']
+        for i, (s1, s2) in enumerate(zip(sa['state'], sb['state'])):
+            assert sorted(s1) == sorted(s2)
+            for k in s1:
+                v, w = s1[k], s2[k]
+                if isinstance(v, torch.Tensor): assert torch.equal(v, w), f"{name} rank {r}: state {k!r} of parameter {i} differs"
+                else: assert v == w
+
+@pytest.mark.parametrize('name', CKPT_NAMES)
+def test_checkpoint_loads_in_one_process(two, out, name):
+    "One process, no process group, loads the 2-rank checkpoint and continues like the 2 ranks did"
+    resumed = reference(name, 2, str(out / f'ckpt-{name}'))
+    assert_snaps_close(two['ckpt'][0][name]['going'], resumed, RESHARD_TOL, f"{name} loaded in one process")
+
+@pytest.mark.parametrize('name', CKPT_NAMES)
+def test_checkpoint_reshards_to_four_ranks(four, out, name):
+    "4 ranks (shards 2/2/1/0 and 1/1/1/0 rows) load the 2-rank checkpoint and continue like one process on 4 pieces"
+    ref = reference(name, 4, str(out / f'ckpt-{name}'))
+    for r, res in enumerate(four['reshard']): assert_snaps_close(res[name], ref, RESHARD_TOL, f"{name} on 4 ranks, rank {r}")
+
+@functools.lru_cache(maxsize=None)
+def digits_one_process(seed):
+    from fastopt.digits import digits_learner
+    torch.set_num_threads(1)
+    learn = digits_learner(getattr(fastopt, DIGITS['opt']), seed=seed)
+    with learn.no_bar(): return digits_fit(learn), learn
+
+def test_digits_sharded_recipe(two, out):
+    "`Learner.sharded_ctx` on 2 ranks: the ranks agree, each saw half of every batch, the accuracy is within one process's seed spread"
+    r0, r1 = two['digits']
+    assert r0['acc'] == r1['acc']
+    for i, (p, q) in enumerate(zip(r0['params'], r1['params'])): assert torch.equal(p, q), f"parameter {i} differs between the ranks"
+    for a, b in zip(r0['bn'], r1['bn']): assert torch.equal(a, b), "BatchNorm buffers differ between the ranks"
+    accs = [digits_one_process(s)[0] for s in range(3)]
+    lo, hi = min(accs), max(accs)
+    spread = max(hi - lo, 0.01)
+    print(f"digits {DIGITS}: 2 ranks {r0['acc']:.4f}, one process over seeds 0-2 {[round(a, 4) for a in accs]}; "
+          f"optimizer state per rank {r0['state_bytes']}/{r1['state_bytes']} bytes")
+    assert lo - spread <= r0['acc'] <= hi + spread
+    assert r0['acc'] > 0.9
+    _, one = digits_one_process(0)
+    assert r0['n_batches'] == len(one.dls.train)
+    assert sum(r0['local_sizes']) + sum(r1['local_sizes']) == sum(p.numel() for p in one.model.parameters())
+    assert max(r0['state_bytes'], r1['state_bytes']) < 0.6 * sum(r0['state_bytes'] for r0 in two['digits'])
+
+def test_digits_checkpoint_in_one_process(two, out):
+    "`Learner.load_sharded` in one process restores the 2-rank model: the same validation accuracy"
+    from fastopt.digits import digits_learner
+    learn = digits_learner(getattr(fastopt, DIGITS['opt']), seed=1)
+    learn.load_sharded(str(out / 'ckpt-digits'))
+    for i, (p, q) in enumerate(zip(learn.model.parameters(), two['digits'][0]['params'])): assert torch.equal(p.detach(), q), f"parameter {i}"
+    with learn.no_bar(): acc = learn.validate()[1]
+    assert acc == pytest.approx(two['digits'][0]['acc'], abs=1e-6)
