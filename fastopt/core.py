@@ -21,9 +21,9 @@ from .flat import *
 from .flat import *
 
 # %% auto #0
-__all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'momentum_stats', 'adam_stats', 'real', 'check_hyper', 'softplus',
-           'group_step', 'compiled_step', 'Optimizer', 'step_count', 'bias_correction', 'weight_decay_cb',
-           'debiased_step', 'adam_denom', 'rms']
+__all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'flat_versions', 'momentum_stats', 'adam_stats', 'real',
+           'check_hyper', 'softplus', 'group_step', 'compiled_step', 'flat_weight_decay', 'flat_l2_reg', 'Optimizer',
+           'step_count', 'bias_correction', 'weight_decay_cb', 'debiased_step', 'adam_denom', 'rms']
 
 # %% ../nbs/00_core.ipynb #a30455de
 def real(v) -> float:
@@ -178,6 +178,20 @@ def _dynamic(k, v) -> bool:
     return k not in static_hypers and isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 # %% ../nbs/00_core.ipynb #51429961
+def flat_weight_decay(p, lr, wd, do_wd=True, **kwargs):
+    "fastai's `weight_decay` with `do_wd` one bool per block of a flat layout: p ← p·(1 - ηλ) where `do_wd`"
+    if wd != 0: p.data.mul_(torch.where(do_wd, 1 - lr * wd, 1.).to(p.dtype))
+
+def flat_l2_reg(p, lr, wd, do_wd=True, **kwargs):
+    "fastai's `l2_reg` with `do_wd` one bool per block of a flat layout: g ← g + λp where `do_wd`"
+    if wd != 0: p.grad.copy_(torch.where(do_wd, p.grad + p.data * wd, p.grad))
+
+flat_versions = {weight_decay: flat_weight_decay, l2_reg: flat_l2_reg}  # callbacks whose flat version takes `do_wd` per block
+
+def _per_block_bools(cbs) -> set:
+    "Constant state the flat step can take as one bool per block: `do_wd`, when only callbacks with a flat version read it"
+    return set() if any('do_wd' in _cb_names(cb) for cb in cbs if cb not in flat_versions) else {'do_wd'}
+
 def _plain_tensor(p) -> bool:
     "Whether `p` is a plain tensor or `Parameter` (not a DTensor or other subclass, whose storage its owner manages)"
     return type(p) in (Tensor, torch.nn.Parameter) and p.layout == torch.strided
@@ -203,11 +217,12 @@ def _kind(k, v, p:Tensor):
     if v is None or isinstance(v, (bool, int, float, str)): return ('static', v)
     return None
 
-def _signature(p:Tensor, state:dict, channels:bool):
+def _signature(p:Tensor, state:dict, channels:bool, bools:set):
     "The bucket `p` goes into: device, dtype and the kinds of its state; None for a parameter that steps eagerly"
     if not _plain_tensor(p) or p.ndim == 0 or not _dense(p) or (channels and not channel_aligned(p)): return None
     kinds = []
     for k,v in sorted(state.items()):
+        if k in bools and isinstance(v, bool): continue
         kd = _kind(k, v, p)
         if kd is None or (kd[0] == 'channel' and not channels): return None
         kinds.append((k,) + kd)
@@ -217,7 +232,7 @@ _layout_tensors = ('block_tensor', 'block_valid', 'block_ndim', 'tensor_numel', 
 
 class _Bucket:
     "Parameters of one group, device, dtype and state signature, re-pointed into flat buffers"
-    def __init__(self, opt, params:list, kinds:tuple, channels:bool):
+    def __init__(self, opt, params:list, kinds:tuple, channels:bool, bools:set):
         self.params,self.opt = params,opt
         self.layout = lay = FlatLayout([p.data for p in params], channels=channels)
         self.p = lay.pack([p.data for p in params])
@@ -234,6 +249,8 @@ class _Bucket:
             else: buf = lay.per_channel(vals, x); vs = lay.channel_views(buf)
             self.state[k],self.views[k] = buf,vs
             for p,v in zip(params, vs): opt.state[p][k] = v
+        self.bools = {k: [opt.state[p].get(k, True) for p in params] for k in bools}
+        for k,vs in self.bools.items(): self.statics[k] = _dynamic_size(lay.per_block(vs, torch.float64) > 0)
         self.ptrs = [p.data_ptr() for p in params]
         self.gptrs = [g.data_ptr() for g in self.grads]
         self.dicts = [opt.state[p] for p in params]
@@ -242,25 +259,25 @@ class _Bucket:
 
     def valid(self) -> bool:
         "Whether every parameter and state tensor still lives in the flat buffers (cheap: data pointers and identities)"
-        for i,p in enumerate(self.params):
-            if p.data_ptr() != self.ptrs[i] or self.opt.state[p] is not self.dicts[i]: return False
-            st = self.dicts[i]
-            for k,vs in self.views.items():
-                if st.get(k) is not vs[i]: return False
-            for k,x in self.statics.items():
-                if st.get(k) != x: return False
+        if [p.data_ptr() for p in self.params] != self.ptrs: return False
+        state = self.opt.state
+        if any(state[p] is not d for p,d in zip(self.params, self.dicts)): return False
+        for k,vs in self.views.items():
+            if any(d.get(k) is not v for d,v in zip(self.dicts, vs)): return False
+        for k,x in self.statics.items():
+            if k in self.bools:
+                if [d.get(k, True) for d in self.dicts] != self.bools[k]: return False
+            elif any(d.get(k) != x for d in self.dicts): return False
         return True
 
     def attach_grads(self, skip:set):
         "Point every gradient into the flat gradient buffer (copying those that are elsewhere); return the live mask, or None if no parameter has a gradient"
-        live = []
-        for p,g,ptr in zip(self.params, self.grads, self.gptrs):
-            pg = p.grad
-            if pg is None or id(p) in skip: live.append(False); continue
-            if pg.data_ptr() != ptr:
+        grads = [None if id(p) in skip else p.grad for p in self.params]
+        for p,pg,g,ptr in zip(self.params, grads, self.grads, self.gptrs):
+            if pg is not None and pg.data_ptr() != ptr:
                 g.copy_(pg)
                 p.grad = g
-            live.append(True)
+        live = [g is not None for g in grads]
         if not any(live): return None
         if live != self._live: self._live,self._mask = live,_dynamic_size(self.layout.per_block(live, torch.float64) > 0)
         return self._mask
@@ -269,13 +286,14 @@ class _GroupLayouts:
     "A group's parameters that step fused, bucketed by device, dtype and state signature"
     def __init__(self, opt, params:list):
         channels = any(_cb_attr(cb, 'per_channel') for cb in opt.cbs)
+        bools = _per_block_bools(opt.cbs)
         by = {}
         self.unfit = set()
         for p in params:
-            sig = _signature(p, opt.state[p], channels)
+            sig = _signature(p, opt.state[p], channels, bools)
             if sig is None: self.unfit.add(id(p))
             else: by.setdefault(sig, []).append(p)
-        self.buckets = {k: _Bucket(opt, ps, k[2], channels) for k,ps in by.items()}
+        self.buckets = {k: _Bucket(opt, ps, k[2], channels, bools) for k,ps in by.items()}
         self.ids = {id(p) for b in self.buckets.values() for p in b.params}
 
     def valid(self, opt) -> bool: return all(b.valid() for b in self.buckets.values())
@@ -386,7 +404,7 @@ class Optimizer(fastai.optimizer.Optimizer):
         todo = [p for p in b.params if p.grad is not None and id(p) not in skip]
         if self.fused is False: return self._run(group_step, todo, hyper)
         try:
-            with _no_duck_shapes(): self._fns[key](self.cbs, b.p, b.state, args, b.layout, live)
+            with _no_duck_shapes(): self._fns[key]([flat_versions.get(cb, cb) for cb in self.cbs], b.p, b.state, args, b.layout, live)
         except Exception as e:
             warnings.warn(f"fastopt: the fused step failed to compile ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                           "this optimizer steps eagerly from now on. Pass fused=False to choose that yourself.")
