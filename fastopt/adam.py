@@ -30,7 +30,7 @@ def Adam(
     eps:float=1e-5, # ε, added to the denominator
     wd:float=0.01, # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay (AdamW) or L2 regularization (Adam)
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "Adam or AdamW: fastai's `Adam`, with the same signature, defaults and steps"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, adam_step]
@@ -58,7 +58,7 @@ def AMSGrad(
     eps:float=1e-5, # ε, added to the denominator
     wd:float=0.01, # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay (AdamW) or L2 regularization (Adam)
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "AMSGrad: Adam dividing by the running maximum of the second moment"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, max_sqr_avg_stat, amsgrad_step]

@@ -6,7 +6,7 @@ Docs: https://fastopt.github.io/fastopt/bench.html.md"""
 
 # %% ../nbs/95_bench.ipynb #3ff51a73
 from __future__ import annotations
-import statistics, time
+import json, os, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 import pandas as pd
 import torch
@@ -14,8 +14,9 @@ import fastai.optimizer
 import fastopt
 
 # %% auto #0
-__all__ = ['param_sets', 'bench_optimizers', 'resnet18_shapes', 'transformer_shapes', 'median_seconds', 'copy_bandwidth',
-           'make_params', 'state_tensors_per_param', 'bench']
+__all__ = ['param_sets', 'bench_optimizers', 'resnet18_shapes', 'transformer_shapes', 'many_shapes', 'median_seconds',
+           'copy_bandwidth', 'make_params', 'state_tensors_per_param', 'bench', 'compile_seconds', 'compile_bench',
+           'end_to_end', 'peers_bench']
 
 # %% ../nbs/95_bench.ipynb #a8db3721
 def resnet18_shapes() -> list:
@@ -32,7 +33,11 @@ def transformer_shapes(d:int=256, layers:int=12, vocab:int=8000, context:int=102
     block = [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
     return [(vocab, d), (context, d)] + block * layers + [(d,), (d,)]
 
-param_sets = dict(resnet18=resnet18_shapes, transformer=transformer_shapes)
+def many_shapes(n:int=1000) -> list:
+    "`n` tensors (`n` even): `n`/2 linear layers of 128×64 weights and their biases (4.2M values for 1000)"
+    return [(128, 64), (128,)] * (n // 2)
+
+param_sets = dict(resnet18=resnet18_shapes, transformer=transformer_shapes, many=many_shapes)
 
 # %% ../nbs/95_bench.ipynb #8faf898e
 def median_seconds(fn, n:int) -> float:
@@ -111,4 +116,134 @@ def bench(
                              state_bytes_per_param=4 * n_state))
             if log: print(f"{set_name} {name}: fused {fused_ms:.2f} ms, eager {eager_ms:.2f} ms, fastai {fastai_ms:.2f} ms, "
                           f"torch AdamW fused {torch_ms:.2f} ms, floor {floor_ms:.2f} ms, compile {compile_s:.1f} s", flush=True)
+    return pd.DataFrame(rows)
+
+# %% ../nbs/95_bench.ipynb #74e5b2ae
+_compile_script = r'''
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[3]))
+name, set_name = sys.argv[1], sys.argv[2]
+if name == 'one-op':
+    f = torch.compile(lambda x: x + 1, fullgraph=True)
+    x = torch.randn(1000)
+    start = time.perf_counter(); f(x); print(json.dumps(dict(seconds=time.perf_counter() - start, fused=True)))
+else:
+    import fastopt
+    from fastopt.bench import make_params, param_sets, _kwargs
+    ps = make_params(param_sets[set_name]())
+    opt = getattr(fastopt, name)(ps, lr=1e-3, fused=True, **_kwargs.get(name, {}))
+    opt.step()
+    start = time.perf_counter(); opt.step(); seconds = time.perf_counter() - start
+    print(json.dumps(dict(seconds=seconds, fused=bool(opt.fused))))
+'''
+
+def compile_seconds(
+    name:str, # An optimizer in `bench_optimizers`, or 'one-op' for a trivial graph (`x + 1`)
+    set_name:str, # A parameter set in `param_sets`
+    cache_dir:str|Path, # Inductor's on-disk cache for this run: an empty folder for a cold compile
+    threads:int|None=None, # torch threads (default this process's)
+) -> float:
+    "Seconds of the first fused step of `name` (its compile) in a fresh process whose inductor cache is `cache_dir`"
+    env = {**os.environ, 'TORCHINDUCTOR_CACHE_DIR': str(cache_dir)}
+    out = subprocess.run([sys.executable, '-c', _compile_script, name, set_name, str(threads or torch.get_num_threads())],
+                         env=env, capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return res['seconds'] if res['fused'] else float('nan')
+
+def compile_bench(
+    names:list|None=None, # Optimizers (default `bench_optimizers`)
+    sets:list|None=None, # Parameter sets (default all)
+    log:bool=False, # Print each row as it is measured
+) -> pd.DataFrame:
+    "Cold (empty inductor cache) and warm (cache on disk) compile of each optimizer's fused step, beside a one-op graph's (the floor) in the same run"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        floor_cold = compile_seconds('one-op', 'resnet18', Path(tmp)/'floor')
+        floor_warm = compile_seconds('one-op', 'resnet18', Path(tmp)/'floor')
+        for set_name in (list(param_sets) if sets is None else sets):
+            for name in names or bench_optimizers:
+                cache = Path(tmp)/f'{set_name}-{name}'
+                cold = compile_seconds(name, set_name, cache)
+                warm = compile_seconds(name, set_name, cache)
+                rows.append(dict(params=set_name, tensors=len(param_sets[set_name]()), optimizer=name, cold_s=cold, warm_s=warm,
+                                 floor_cold_s=floor_cold, floor_warm_s=floor_warm, cold_vs_floor=cold / floor_cold))
+                if log: print(f"{set_name} {name}: cold {cold:.1f} s, warm {warm:.1f} s (one-op graph: {floor_cold:.1f} s cold, {floor_warm:.1f} s warm)", flush=True)
+    return pd.DataFrame(rows)
+
+# %% ../nbs/95_bench.ipynb #7aa93040
+_e2e_script = r'''
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[3]))
+what, fused = sys.argv[1], {'True': True, 'False': False, 'auto': 'auto'}[sys.argv[2]]
+from functools import partial
+import fastopt
+start = time.perf_counter()
+if what == 'digits':
+    from fastopt.digits import digits_learner
+    learn = digits_learner(partial(fastopt.Adam, fused=fused))
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(5, 3e-2)
+    fused = learn.opt.fused
+else:
+    from fastopt.bench import make_params, resnet18_shapes
+    ps = make_params(resnet18_shapes())
+    opt = fastopt.Adam(ps, lr=1e-3, fused=fused) if fused != 'torch' else torch.optim.AdamW(ps, lr=1e-3, fused=True)
+    for _ in range(int(what)): opt.step()
+print(json.dumps(dict(seconds=time.perf_counter() - start, fused=str(fused))))
+'''
+
+def end_to_end(
+    threads:int|None=None, # torch threads (default this process's)
+    resnet_steps:int=300, # Optimizer steps of the resnet18-shaped run
+    log:bool=False, # Print each row as it is measured
+) -> pd.DataFrame:
+    "Wall time, compile included (each run a fresh process with an empty inductor cache): digits `fit_one_cycle(5)` with Adam, and `resnet_steps` Adam steps on resnet18's shapes"
+    rows = []
+    runs = [('digits', m) for m in ('False', 'True', 'auto')] + [(str(resnet_steps), m) for m in ('False', 'True', 'auto')]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i,(what,mode) in enumerate(runs):
+            env = {**os.environ, 'TORCHINDUCTOR_CACHE_DIR': str(Path(tmp)/str(i))}
+            out = subprocess.run([sys.executable, '-c', _e2e_script, what, mode, str(threads or torch.get_num_threads())],
+                                 env=env, capture_output=True, text=True, check=True)
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            run = 'digits fit_one_cycle(5)' if what == 'digits' else f'resnet18 shapes, {what} steps'
+            rows.append(dict(run=run, fused=mode, seconds=res['seconds']))
+            if log: print(f"{run}, fused={mode}: {res['seconds']:.1f} s", flush=True)
+    df = pd.DataFrame(rows)
+    df['vs_eager'] = df.seconds / df.groupby('run').seconds.transform('first')
+    return df
+
+# %% ../nbs/95_bench.ipynb #b902233f
+def _peer_steps(set_shapes, steps):
+    "Compiled steps of other libraries' AdamW, where installed: (name, compile seconds, step ms)"
+    res = []
+    try:
+        import pytorch_optimizer
+        res.append(('pytorch-optimizer AdamW, torch.compile(step)', lambda ps: pytorch_optimizer.AdamW(ps, lr=1e-3)))
+    except ImportError: pass
+    try:
+        import heavyball
+        res.append(("heavyball AdamW (compile_step=True)", lambda ps: heavyball.AdamW(ps, lr=1e-3, compile_step=True)))
+    except ImportError: pass
+    rows = []
+    for name,make in res:
+        ps = make_params(set_shapes)
+        opt = make(ps)
+        step = opt.step if name.startswith('heavyball') else torch.compile(opt.step)
+        start = time.perf_counter(); step(); first = time.perf_counter() - start
+        rows.append(dict(peer=name, first_step_s=first, step_ms=1e3 * median_seconds(step, steps)))
+    return rows
+
+def peers_bench(
+    sets:list|None=None, # Parameter sets (default all)
+    steps:int=20, # Timed steps
+) -> pd.DataFrame:
+    "HeavyBall's and pytorch-optimizer's AdamW steps (compiled, first step = compile) beside `torch.optim.AdamW(fused=True)`, where those libraries are installed"
+    rows = []
+    for set_name in (list(param_sets) if sets is None else sets):
+        shapes = param_sets[set_name]()
+        ps = make_params(shapes)
+        adamw = torch.optim.AdamW(ps, lr=1e-3, fused=True)
+        adamw.step()
+        torch_ms = 1e3 * median_seconds(adamw.step, steps)
+        for r in _peer_steps(shapes, steps): rows.append(dict(params=set_name, **r, torch_adamw_fused_ms=torch_ms, vs_torch=r['step_ms'] / torch_ms))
     return pd.DataFrame(rows)

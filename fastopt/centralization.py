@@ -10,18 +10,23 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 from .core import *
+from .flat import *
 from .adam import adam_step
 
 # %% auto #0
 __all__ = ['centralize_grad', 'AdamGC', 'centralized']
 
 # %% ../nbs/04_centralization.ipynb #bb9a5413
-def centralize_grad(p, gc_conv_only=True, **kwargs):
+def centralize_grad(p, gc_conv_only=True, layout=None, **kwargs):
     "Subtract, in place, from each output slice of `p.grad` its mean over the other dims (4-D only if `gc_conv_only`)"
     g = p.grad
-    if g.ndim == 4 or (g.ndim >= 2 and not gc_conv_only): g.sub_(g.mean(dim=tuple(range(1, g.ndim)), keepdim=True))
+    nd = tensor_ndim(g, layout)   # a number, or one per block on the fused path's flat layout
+    on = (nd == 4) | ((nd >= 2) & (not gc_conv_only))
+    if layout is not None: g.sub_(torch.where(on, channel_mean(g, layout=layout), 0.))
+    elif on: g.sub_(channel_mean(g))
 
 centralize_grad.defaults = dict(gc_conv_only=True)
+centralize_grad.per_channel = True   # the fused path lays out output channels
 centralize_grad.hyper_rules = dict(gc_conv_only=(lambda v: isinstance(v, bool), 'True or False'))
 static_hypers.add('gc_conv_only')
 
@@ -35,7 +40,7 @@ def AdamGC(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     gc_conv_only:bool=True, # Centralize only 4-D (conv) gradients; False: every tensor with 2 or more dims
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "AdamGC: Adam on centralized gradients"
     cbs = [centralize_grad, weight_decay_cb(decouple_wd), *adam_stats, adam_step]

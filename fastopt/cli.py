@@ -158,7 +158,8 @@ def main(argv:list|None=None):
     bn.add_argument('--opt', default=None, help='comma-separated names (default: all fused-capable optimizers)')
     bn.add_argument('--sets', default='resnet18,transformer', help='parameter sets (default: resnet18,transformer)')
     bn.add_argument('--steps', type=int, default=20, help='timed steps per fused optimizer (default: 20)')
-    bn.add_argument('--out', default='fastopt-results', help='folder for bench.csv (default: fastopt-results)')
+    bn.add_argument('--what', default='step', help='comma-separated: step (bench.csv), compile (compile.csv: cold and warm, beside a one-op graph), e2e (e2e.csv: digits and resnet18-shaped runs, compile included), peers (peers.csv) (default: step)')
+    bn.add_argument('--out', default='fastopt-results', help='folder for the CSV files (default: fastopt-results)')
     rg = sub.add_parser('regret', help="AMSGrad's counterexample: fastopt's Adam and AMSGrad on the paper's online problem")
     rg.add_argument('--steps', type=int, default=10**6, help='steps T (default: 1000000)')
     rg.add_argument('--out', default='fastopt-results', help='folder for regret.csv and regret.png (default: fastopt-results)')
@@ -193,7 +194,7 @@ def main(argv:list|None=None):
     print(f"\nwritten: {out/'compare.csv'}, {out/'compare.png'}")
 
 def _bench(parser, args):
-    from fastopt.bench import bench, bench_optimizers, param_sets
+    from fastopt.bench import bench, bench_optimizers, param_sets, compile_bench, end_to_end, peers_bench
     names = [n.strip() for n in args.opt.split(',')] if args.opt else bench_optimizers
     sets = [n.strip() for n in args.sets.split(',')]
     for n in names:
@@ -201,12 +202,19 @@ def _bench(parser, args):
     for n in sets:
         if n not in param_sets: parser.error(f"Unknown parameter set: {n!r} (known: {', '.join(param_sets)})")
     if args.steps < 1: parser.error(f"Invalid steps: {args.steps} (expected a positive integer)")
-    res = bench(names, sets, steps=args.steps, log=True)
+    what = [w.strip() for w in args.what.split(',')]
+    runs = dict(step=lambda: bench(names, sets, steps=args.steps, log=True), compile=lambda: compile_bench(names, sets, log=True),
+                e2e=lambda: end_to_end(log=True), peers=lambda: peers_bench(sets, steps=args.steps))
+    for w in what:
+        if w not in runs: parser.error(f"Unknown --what: {w!r} (known: {', '.join(runs)})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res.to_csv(out/'bench.csv', index=False)
-    print(res.to_string(index=False, float_format='{:.2f}'.format))
-    print(f"\nwritten: {out/'bench.csv'}")
+    for w in what:
+        res = runs[w]()
+        path = out/('bench.csv' if w == 'step' else f'{w}.csv')
+        res.to_csv(path, index=False)
+        print(res.to_string(index=False, float_format='{:.2f}'.format))
+        print(f"\nwritten: {path}")
 
 # %% ../nbs/90_cli.ipynb #312125da
 def _regret(parser, args):

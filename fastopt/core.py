@@ -17,11 +17,13 @@ from fastcore.basics import merge, even_mults
 from fastcore.foundation import L
 import fastai.optimizer
 from fastai.optimizer import weight_decay, l2_reg, average_grad, average_sqr_grad, _update
+from .flat import *
+from .flat import *
 
 # %% auto #0
-__all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'momentum_stats', 'adam_stats', 'real', 'check_hyper', 'softplus',
-           'group_step', 'compiled_group_step', 'Optimizer', 'step_count', 'bias_correction', 'weight_decay_cb',
-           'debiased_step', 'adam_denom', 'rms']
+__all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'flat_versions', 'momentum_stats', 'adam_stats', 'real',
+           'check_hyper', 'softplus', 'group_step', 'compiled_step', 'flat_weight_decay', 'flat_l2_reg', 'Optimizer',
+           'step_count', 'bias_correction', 'weight_decay_cb', 'debiased_step', 'adam_denom', 'rms']
 
 # %% ../nbs/00_core.ipynb #a30455de
 def real(v) -> float:
@@ -154,18 +156,147 @@ def group_step(cbs, params, states, hyper):
     return res
 
 # %% ../nbs/00_core.ipynb #1ac7c2f9
-def compiled_group_step(backend='inductor', options:dict|None=None) -> Callable:
-    "`group_step` compiled as one graph, with a code object (and so a compile cache) of its own"
-    code = group_step.__code__.replace(co_name='fused_group_step')
-    return torch.compile(types.FunctionType(code, group_step.__globals__, 'fused_group_step'),
+def compiled_step(fn:Callable, backend='inductor', options:dict|None=None) -> Callable:
+    "`fn` compiled as one graph, with a code object (and so a compile cache) of its own"
+    code = fn.__code__.replace(co_name=f'fused_{fn.__name__}')
+    return torch.compile(types.FunctionType(code, fn.__globals__, f'fused_{fn.__name__}'),
                          fullgraph=True, dynamic=False, backend=backend, options=options)
 
-# %% ../nbs/00_core.ipynb #51429961
+def _no_duck_shapes():
+    "Keep sizes that happen to be equal (blocks, tensors, channels) apart, so one graph serves every model"
+    return torch.fx.experimental._config.patch(use_duck_shape=False)
+
+def _dynamic_size(*ts):
+    "Mark dim 0 of `ts` dynamic; return the first"
+    for t in ts: torch._dynamo.mark_dynamic(t, 0)
+    return ts[0]
+
 def _scalar_dtype(device): return torch.float32 if device.type == 'mps' else torch.float64
 
 def _dynamic(k, v) -> bool:
     "Whether hyper `k` goes into a fused graph as a tensor (numbers that may change every step) or as it is"
     return k not in static_hypers and isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+# %% ../nbs/00_core.ipynb #51429961
+def flat_weight_decay(p, lr, wd, do_wd=True, **kwargs):
+    "fastai's `weight_decay` with `do_wd` one bool per block of a flat layout: p ← p·(1 - ηλ) where `do_wd`"
+    if wd != 0: p.data.mul_(torch.where(do_wd, 1 - lr * wd, 1.).to(p.dtype))
+
+def flat_l2_reg(p, lr, wd, do_wd=True, **kwargs):
+    "fastai's `l2_reg` with `do_wd` one bool per block of a flat layout: g ← g + λp where `do_wd`"
+    if wd != 0: p.grad.copy_(torch.where(do_wd, p.grad + p.data * wd, p.grad))
+
+flat_versions = {weight_decay: flat_weight_decay, l2_reg: flat_l2_reg}  # callbacks whose flat version takes `do_wd` per block
+
+def _per_block_bools(cbs) -> set:
+    "Constant state the flat step can take as one bool per block: `do_wd`, when only callbacks with a flat version read it"
+    return set() if any('do_wd' in _cb_names(cb) for cb in cbs if cb not in flat_versions) else {'do_wd'}
+
+def _plain_tensor(p) -> bool:
+    "Whether `p` is a plain tensor or `Parameter` (not a DTensor or other subclass, whose storage its owner manages)"
+    return type(p) in (Tensor, torch.nn.Parameter) and p.layout == torch.strided
+
+def _dense(t:Tensor) -> bool:
+    "Whether `t`'s elements fill its memory span exactly once (contiguous in some dim order)"
+    if t.numel() == 0: return False
+    st = sorted((s, n) for s,n in zip(t.stride(), t.shape) if n != 1)
+    span = 1
+    for s,n in st:
+        if s != span: return False
+        span *= n
+    return True
+
+def _kind(k, v, p:Tensor):
+    "How state `v` of `p` goes into a flat layout: ('elem'|'scalar'|'channel', dtype), ('static', v), or None if it cannot"
+    if isinstance(v, Tensor):
+        if not _plain_tensor(v) or v.device != p.device or not v.is_floating_point(): return None
+        if v.ndim == 0: return ('scalar', v.dtype)
+        if v.shape == p.shape: return ('elem', v.dtype) if v.dtype == p.dtype else None
+        if p.ndim >= 2 and v.shape == (p.shape[0],) + (1,) * (p.ndim - 1): return ('channel', v.dtype)
+        return None
+    if v is None or isinstance(v, (bool, int, float, str)): return ('static', v)
+    return None
+
+def _signature(p:Tensor, state:dict, channels:bool, bools:set):
+    "The bucket `p` goes into: device, dtype and the kinds of its state; None for a parameter that steps eagerly"
+    if not _plain_tensor(p) or p.ndim == 0 or not _dense(p) or (channels and not channel_aligned(p)): return None
+    kinds = []
+    for k,v in sorted(state.items()):
+        if k in bools and isinstance(v, bool): continue
+        kd = _kind(k, v, p)
+        if kd is None or (kd[0] == 'channel' and not channels): return None
+        kinds.append((k,) + kd)
+    return (p.device, p.dtype, tuple(kinds))
+
+_layout_tensors = ('block_tensor', 'block_valid', 'block_ndim', 'tensor_numel', 'block_channel', 'channel_numel')
+
+class _Bucket:
+    "Parameters of one group, device, dtype and state signature, re-pointed into flat buffers"
+    def __init__(self, opt, params:list, kinds:tuple, channels:bool, bools:set):
+        self.params,self.opt = params,opt
+        self.layout = lay = FlatLayout([p.data for p in params], channels=channels)
+        self.p = lay.pack([p.data for p in params])
+        for p,v in zip(params, lay.views(self.p)): p.data = v
+        self.g = lay.empty()
+        self.grads = lay.views(self.g)
+        self.p.grad = self.g
+        self.state,self.statics,self.views = {},{},{}
+        for k,kind,x in kinds:
+            vals = [opt.state[p][k] for p in params]
+            if kind == 'static': self.statics[k] = x; continue
+            if kind == 'elem': buf = lay.pack(vals, x); vs = lay.views(buf)
+            elif kind == 'scalar': buf = lay.per_block(vals, x); vs = lay.scalar_views(buf)
+            else: buf = lay.per_channel(vals, x); vs = lay.channel_views(buf)
+            self.state[k],self.views[k] = buf,vs
+            for p,v in zip(params, vs): opt.state[p][k] = v
+        self.bools = {k: [opt.state[p].get(k, True) for p in params] for k in bools}
+        for k,vs in self.bools.items(): self.statics[k] = _dynamic_size(lay.per_block(vs, torch.float64) > 0)
+        self.ptrs = [p.data_ptr() for p in params]
+        self.gptrs = [g.data_ptr() for g in self.grads]
+        self.dicts = [opt.state[p] for p in params]
+        self._live = None
+        _dynamic_size(self.p, self.g, *self.state.values(), *(getattr(lay, k) for k in _layout_tensors))
+
+    def valid(self) -> bool:
+        "Whether every parameter and state tensor still lives in the flat buffers (cheap: data pointers and identities)"
+        if [p.data_ptr() for p in self.params] != self.ptrs: return False
+        state = self.opt.state
+        if any(state[p] is not d for p,d in zip(self.params, self.dicts)): return False
+        for k,vs in self.views.items():
+            if any(d.get(k) is not v for d,v in zip(self.dicts, vs)): return False
+        for k,x in self.statics.items():
+            if k in self.bools:
+                if [d.get(k, True) for d in self.dicts] != self.bools[k]: return False
+            elif any(d.get(k) != x for d in self.dicts): return False
+        return True
+
+    def attach_grads(self, skip:set):
+        "Point every gradient into the flat gradient buffer (copying those that are elsewhere); return the live mask, or None if no parameter has a gradient"
+        grads = [None if id(p) in skip else p.grad for p in self.params]
+        for p,pg,g,ptr in zip(self.params, grads, self.grads, self.gptrs):
+            if pg is not None and pg.data_ptr() != ptr:
+                g.copy_(pg)
+                p.grad = g
+        live = [g is not None for g in grads]
+        if not any(live): return None
+        if live != self._live: self._live,self._mask = live,_dynamic_size(self.layout.per_block(live, torch.float64) > 0)
+        return self._mask
+
+class _GroupLayouts:
+    "A group's parameters that step fused, bucketed by device, dtype and state signature"
+    def __init__(self, opt, params:list):
+        channels = any(_cb_attr(cb, 'per_channel') for cb in opt.cbs)
+        bools = _per_block_bools(opt.cbs)
+        by = {}
+        self.unfit = set()
+        for p in params:
+            sig = _signature(p, opt.state[p], channels, bools)
+            if sig is None: self.unfit.add(id(p))
+            else: by.setdefault(sig, []).append(p)
+        self.buckets = {k: _Bucket(opt, ps, k[2], channels, bools) for k,ps in by.items()}
+        self.ids = {id(p) for b in self.buckets.values() for p in b.params}
+
+    def valid(self, opt) -> bool: return all(b.valid() for b in self.buckets.values())
 
 # %% ../nbs/00_core.ipynb #5004be85
 class Optimizer(fastai.optimizer.Optimizer):
@@ -173,18 +304,20 @@ class Optimizer(fastai.optimizer.Optimizer):
     def __init__(self,
         params:Tensor|Iterable, # Parameters, or a list of parameter groups (lists of parameters)
         cbs:Callable|MutableSequence, # Stats and steppers, run in this order on each parameter
-        fused:bool=False, # One compiled computation per group and device/dtype (True), or eager per parameter (False)
+        fused:bool|str='auto', # One compiled computation per group, device and dtype (True), eager per parameter (False), or by group size ('auto')
         **defaults # Hyperparameter values, overriding the callbacks' own `defaults`
     ):
         params,cbs = L(params),L(cbs)
         _check_params(params)
+        if fused not in (True, False, 'auto'): raise ValueError(f"Invalid fused: {fused!r} (expected True, False or 'auto')")
         self.hyper_rules = merge(hyper_rules, *[_cb_attr(cb, 'hyper_rules') for cb in cbs])
         self.hyper_names = set().union(*map(_cb_names, cbs)) | {'lr', 'mom'}   # fastai's schedulers set both on any optimizer
         super().__init__(params, cbs, **defaults)
-        self.fused,self._fns,self._hyper_tensors,self._seen = bool(fused),{},{},set()
+        self.fused,self._fns,self._hyper_tensors,self._seen,self._flat = fused if fused == 'auto' else bool(fused),{},{},set(),{}
 
     fused_backend = 'inductor' # The `torch.compile` backend of the fused path
-    inductor_options = dict(realize_opcount_threshold=0) # Compute each scalar once, not in every vector iteration
+    inductor_options = None # Options for inductor
+    auto_fuse_numel = 2**20 # `fused='auto'` fuses a group once its parameters hold this many values
 
     def set_hyper(self, k, v):
         "Set hyper `k` to `v` in every group (a list: one value per group; a `slice`: spread from start to stop), after checking it"
@@ -211,6 +344,7 @@ class Optimizer(fastai.optimizer.Optimizer):
         self.hyper_rules = merge(self.hyper_rules, _cb_attr(cb, 'hyper_rules'))
         self.hyper_names |= _cb_names(cb)
         self.set_hypers(**merge(_cb_attr(cb, 'defaults'), hypers))
+        self._forget_layouts()
         return self
 
     def step(self, closure=None):
@@ -220,48 +354,62 @@ class Optimizer(fastai.optimizer.Optimizer):
 
     _keep_on_clear = ['force_train', 'do_wd', 'scale_invariant']
 
+    def fuses(self,
+        params:list, # A group's parameters
+    ) -> bool:
+        "Whether the group of `params` steps fused: `fused` itself, or with `fused='auto'` whether the group holds `auto_fuse_numel` values"
+        if self.fused != 'auto': return self.fused
+        return sum(p.numel() for p in params) >= self.auto_fuse_numel
+
     def step_group(self,
         params:list, # The group's parameters
         hyper:dict, # The group's hyperparameters
         group:int=0, # The group's index, which names its fused computations
     ):
-        "Step the parameters of one group that have a gradient: eagerly, or fused per device and dtype"
+        "Step the parameters of one group that have a gradient: eagerly, or fused on flat buffers per device and dtype"
         live = [p for p in params if p.grad is not None]
         for p in live:
             if p.grad.is_sparse: raise RuntimeError(f"fastopt optimizers do not support sparse gradients (parameter of shape {tuple(p.shape)})")
-        if not self.fused:
+        if not self.fuses(params):
             self._run(group_step, live, hyper)
             return self._seen.update(map(id, live))
-        eager = [p for p in live if id(p) not in self._seen or p.ndim == 0]   # first steps, and 0-d parameters (see below)
+        flat = self._flat.get(group)
+        if flat is not None and not flat.valid(self): flat = None              # a parameter or its state moved: lay out again
+        covered = flat.ids if flat is not None else set()
+        eager = [p for p in live if id(p) not in covered]                      # first steps, and what no layout holds
         if eager: self._run(group_step, eager, hyper)
-        buckets = {}
-        for p in live:
-            if id(p) in self._seen and p.ndim > 0: buckets.setdefault((p.device, p.dtype), []).append(p)
         self._seen.update(map(id, eager))
-        for (device,dtype),ps in buckets.items(): self._run_fused((group, device, dtype), ps, hyper)
+        if flat is None or any(id(p) in self._seen and id(p) not in flat.ids and id(p) not in flat.unfit for p in eager):
+            flat = self._flat[group] = _GroupLayouts(self, [p for p in params if id(p) in self._seen])
+        skip = set(map(id, eager))
+        for key,b in flat.buckets.items(): self._run_flat((group,) + key, b, hyper, skip)
 
     @torch.no_grad()
     def _run(self, fn, params, hyper):
         for p,state in zip(params, fn(self.cbs, params, [self.state[p] for p in params], hyper)): self.state[p] = state
 
-    def _run_fused(self, key, params, hyper):
-        "Run the fused computation for `key` on `params`, compiling it on first use; fall back to eager if it fails"
-        device = key[1]
-        tensors = self._hyper_tensors.setdefault(key[:2], {})
-        args = {}
+    @torch.no_grad()
+    def _run_flat(self, key, b, hyper, skip):
+        "Run the fused computation for `key` on bucket `b`, compiling it on first use; fall back to eager if it fails"
+        live = b.attach_grads(skip)
+        if live is None: return
+        device = b.layout.device
+        tensors = self._hyper_tensors.setdefault((key[0], device), {})
+        args = dict(b.statics)
         for k,v in hyper.items():
             if not _dynamic(k, v): args[k] = v; continue
             if k not in tensors: tensors[k] = torch.zeros((), dtype=_scalar_dtype(device), device=device)
             args[k] = tensors[k].fill_(v)
-        if key not in self._fns:
-            options = self.inductor_options if self.fused_backend == 'inductor' else None
-            self._fns[key] = compiled_group_step(self.fused_backend, options)
-        try: self._run(self._fns[key], params, args)
+        if key not in self._fns: self._fns[key] = compiled_step(flat_group_step, self.fused_backend, self.inductor_options)
+        todo = [p for p in b.params if p.grad is not None and id(p) not in skip]
+        if self.fused is False: return self._run(group_step, todo, hyper)
+        try:
+            with _no_duck_shapes(): self._fns[key]([flat_versions.get(cb, cb) for cb in self.cbs], b.p, b.state, args, b.layout, live)
         except Exception as e:
             warnings.warn(f"fastopt: the fused step failed to compile ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                           "this optimizer steps eagerly from now on. Pass fused=False to choose that yourself.")
             self.fused = False
-            self._run(group_step, params, hyper)
+            self._run(group_step, todo, hyper)
 
     def zero_grad(self):
         "Zero every gradient in place, as fastai does, without fastai's `detach_`, which fails on DDP's bucket views"
@@ -271,10 +419,13 @@ class Optimizer(fastai.optimizer.Optimizer):
             else: p.grad.requires_grad_(False)
             p.grad.zero_()
 
+    def _forget_layouts(self): self._flat = {}
+
     def clear_state(self):
         "Forget all state but `_keep_on_clear`; the next step of each parameter creates it again, eagerly"
         super().clear_state()
         self._seen = set()
+        self._forget_layouts()
 
     def state_dict(self) -> dict:
         "fastai's state dict (the live per-parameter `state`, and `hypers` as plain dicts) plus the callbacks' names, which say what the state means"
@@ -291,6 +442,7 @@ class Optimizer(fastai.optimizer.Optimizer):
         self.state = defaultdict(dict, {p: {k: v.to(p.device, copy=True) if isinstance(v, Tensor) else copy.deepcopy(v) for k,v in s.items()}
                                         for p,s in zip(params, sd['state'])})
         self._seen = {id(params[i]) for i in sd.get('stepped', [])} if 'cbs' in sd else set()   # a fastai state is converted eagerly
+        self._forget_layouts()
 
     def _all_params(self) -> list: return [p for pg in self.param_lists for p in pg]
     def _stepped(self) -> list:
@@ -298,13 +450,13 @@ class Optimizer(fastai.optimizer.Optimizer):
         return [i for i,p in enumerate(self._all_params()) if id(p) in self._seen]
 
     def __getstate__(self):
-        "All but the compiled computations, their inputs and the hyper rules, which a copy (`deepcopy`, pickle) rebuilds"
-        d = {k:v for k,v in self.__dict__.items() if k not in ('_fns', '_hyper_tensors', '_seen', 'hyper_rules')}
+        "All but the compiled computations, their inputs, the flat layouts and the hyper rules, which a copy (`deepcopy`, pickle) rebuilds"
+        d = {k:v for k,v in self.__dict__.items() if k not in ('_fns', '_hyper_tensors', '_seen', 'hyper_rules', '_flat')}
         return {**d, '_stepped': self._stepped()}
 
     def __setstate__(self, d):
         stepped = d.pop('_stepped')
-        self.__dict__.update(d, _fns={}, _hyper_tensors={})
+        self.__dict__.update(d, _fns={}, _hyper_tensors={}, _flat={})
         params = self._all_params()
         self._seen = {id(params[i]) for i in stepped}
         self.hyper_rules = merge(hyper_rules, *[_cb_attr(cb, 'hyper_rules') for cb in self.cbs])
@@ -359,6 +511,6 @@ def adam_denom(
     "Adam's denominator √v̂_t + ε, with v̂_t = v_t / (1 - β2^t)"
     return (sqr_avg / bias_correction(sqr_mom, step)).sqrt_().add_(eps)
 
-def rms(x:Tensor) -> Tensor:
-    "Root mean square of all of `x`"
-    return x.square().mean().sqrt()
+def rms(x:Tensor, layout=None) -> Tensor:
+    "Root mean square of all of `x` (each tensor's, on a flat `layout`)"
+    return tensor_mean(x.square(), layout=layout).sqrt()

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from fastai.optimizer import sgd_step, momentum_step, rms_prop_step, qhadam_step, average_grad, average_sqr_grad
 from .core import *
+from .flat import *
 
 # %% auto #0
 __all__ = ['SGD', 'RMSProp', 'QHAdam', 'larc_layer_lr', 'larc_step', 'Larc']
@@ -24,7 +25,7 @@ def SGD(
     mom:float=0., # β, momentum (0: plain SGD)
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "SGD with optional momentum: fastai's `SGD`"
     cbs = [weight_decay_cb(decouple_wd)] + ([sgd_step] if real(mom) == 0 else [average_grad, momentum_step])
@@ -39,7 +40,7 @@ def RMSProp(
     eps:float=1e-8, # ε, added to the denominator
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "RMSProp with optional momentum: fastai's `RMSProp`, with `eps` honoured"
     cbs = [weight_decay_cb(decouple_wd)] + ([average_sqr_grad] if real(mom) == 0 else [average_grad, average_sqr_grad]) + [rms_prop_step]
@@ -56,7 +57,7 @@ def QHAdam(
     eps:float=1e-8, # ε, added to the denominator
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "QHAdam: fastai's `QHAdam`"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, qhadam_step]
@@ -65,9 +66,9 @@ def QHAdam(
 hyper_rules.update(nu_1=(lambda v: 0 <= real(v) <= 1, '0 <= nu_1 <= 1'), nu_2=(lambda v: 0 <= real(v) <= 1, '0 <= nu_2 <= 1'))
 
 # %% ../nbs/07_fastai.ipynb #e462efe3
-def larc_layer_lr(p, lr, trust_coeff, wd, eps, clip=True, **kwargs):
+def larc_layer_lr(p, lr, trust_coeff, wd, eps, clip=True, layout=None, **kwargs):
     "fastai's `larc_layer_lr`, clipped with `torch.clamp_max` so that it traces: the local rate η_ℓ as a 0-d tensor"
-    p_norm,g_norm = torch.linalg.vector_norm(p.data),torch.linalg.vector_norm(p.grad)
+    p_norm,g_norm = tensor_norm(p.data, p.grad, layout=layout)
     local_lr = lr * trust_coeff * p_norm / (g_norm + p_norm * wd + eps)
     return {'local_lr': local_lr.clamp_max(lr) if clip else local_lr}
 
@@ -88,7 +89,7 @@ def Larc(
     eps:float=1e-8, # ε, added to the denominator
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "LARC (`clip=True`) or LARS: fastai's `Larc`"
     cbs = [weight_decay_cb(decouple_wd)] + ([] if real(mom) == 0 else [average_grad]) + [partial(larc_layer_lr, clip=clip), larc_step]

@@ -12,6 +12,7 @@ from functools import partial
 import torch
 from torch import Tensor
 from .core import *
+from .flat import *
 
 # %% auto #0
 __all__ = ['trust_ratio', 'lamb_step', 'Lamb', 'unit_momentum_step', 'UM', 'scale_grad_to_weight', 'momentum_step', 'PreLamb']
@@ -21,18 +22,19 @@ def trust_ratio(
     p:Tensor, # The parameter
     update:Tensor, # The update direction u
     trust_clip, # Largest allowed ratio (`math.inf`: no cap)
+    layout=None, # The fused path's `FlatLayout`: one ratio per tensor
 ) -> Tensor:
     "‖`p`‖/‖`update`‖ over the whole tensor, 1 where either norm is 0, capped at `trust_clip`"
-    p_norm,u_norm = torch.linalg.vector_norm(p),torch.linalg.vector_norm(update)
+    p_norm,u_norm = tensor_norm(p, update, layout=layout)
     return torch.where((p_norm > 0) & (u_norm > 0), p_norm / u_norm, 1.).clamp_max(trust_clip)
 
 # %% ../nbs/03_layerwise.ipynb #be9d8943
-def lamb_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, trust_clip, wd=0., do_wd=True, trust_wd=False, **kwargs):
+def lamb_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, trust_clip, wd=0., do_wd=True, trust_wd=False, layout=None, **kwargs):
     "Move `p` by LAMB's step: Adam's direction scaled by `trust_ratio` (with λp inside it if `trust_wd`)"
     update = grad_avg / adam_denom(sqr_avg, sqr_mom, step, eps)
     update.div_(bias_correction(mom, step))
     if trust_wd and do_wd: update.add_(p.data, alpha=wd)
-    p.data.sub_(update.mul_(lr * trust_ratio(p.data, update, trust_clip)))
+    p.data.sub_(update.mul_(lr * trust_ratio(p.data, update, trust_clip, layout)))
 
 lamb_step.defaults = dict(eps=1e-5, trust_clip=10.)
 lamb_step.hyper_rules = dict(trust_clip=(lambda v: 0 < real(v), 'trust_clip > 0, or None for no cap'))
@@ -48,7 +50,7 @@ def Lamb(
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization (when `trust_wd` is False)
     trust_clip:float|None=10., # Cap on the trust ratio; `None` for no cap
     trust_wd:bool=False, # Put λp inside the trust-scaled update (the paper's and the seed's form)
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "LAMB: fastai's `Lamb` by default, the paper's form with `trust_wd=True`"
     if trust_wd and not decouple_wd:
@@ -59,9 +61,9 @@ def Lamb(
                      trust_clip=math.inf if trust_clip is None else trust_clip)
 
 # %% ../nbs/03_layerwise.ipynb #d6036049
-def unit_momentum_step(p, lr, mom, step, grad_avg, **kwargs):
+def unit_momentum_step(p, lr, mom, step, grad_avg, layout=None, **kwargs):
     "Move `p` by η along m̂_t scaled to unit RMS; no move where m̂_t is all zero"
-    size = rms(grad_avg) / bias_correction(mom, step)
+    size = rms(grad_avg, layout) / bias_correction(mom, step)
     debiased_step(p, lr, mom, step, grad_avg, torch.where(size > 0, size, 1.))
 
 # %% ../nbs/03_layerwise.ipynb #095a8b5f
@@ -71,16 +73,16 @@ def UM(
     mom:float=0.9, # β, the gradient average coefficient
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "UM: bias-corrected momentum, normalized to unit RMS per tensor"
     cbs = [weight_decay_cb(decouple_wd), *momentum_stats, unit_momentum_step]
     return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, wd=wd)
 
 # %% ../nbs/03_layerwise.ipynb #bd6bf7a6
-def scale_grad_to_weight(p, **kwargs):
+def scale_grad_to_weight(p, layout=None, **kwargs):
     "Rescale the gradient in place to the weight's RMS: g ← g·RMS(p)/RMS(g), unchanged where either is 0"
-    p.grad.mul_(trust_ratio(p.data, p.grad, math.inf))
+    p.grad.mul_(trust_ratio(p.data, p.grad, math.inf, layout))
 
 # %% ../nbs/03_layerwise.ipynb #06ff9cee
 def momentum_step(p, lr, mom, step, grad_avg, **kwargs):
@@ -94,7 +96,7 @@ def PreLamb(
     mom:float=0.9, # β, the gradient average coefficient
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "PreLamb: bias-corrected momentum of gradients rescaled to the weight's RMS"
     cbs = [weight_decay_cb(decouple_wd), scale_grad_to_weight, *momentum_stats, momentum_step]

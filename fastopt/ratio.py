@@ -12,6 +12,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 from .core import *
+from .flat import *
 
 # %% auto #0
 __all__ = ['ratio_deviation_stat', 'layer_scale', 'duv_adam_step', 'DuvAdam', 'sign_grad', 'su_adam_step', 'SUAdam', 'sign_clamp',
@@ -31,9 +32,9 @@ ratio_deviation_stat.defaults = dict(ratio_clip=1e3)
 ratio_deviation_stat.hyper_rules = dict(ratio_clip=(lambda v: 0 < real(v), 'ratio_clip > 0'))
 
 # %% ../nbs/06_ratio.ipynb #b4966dcb
-def layer_scale(p:Tensor) -> Tensor:
+def layer_scale(p:Tensor, layout=None) -> Tensor:
     "mean(|p|) over the whole tensor; 1 where that is 0"
-    c = p.abs().mean()
+    c = tensor_mean(p.abs(), layout=layout)
     return torch.where(c > 0, c, 1.)
 
 # %% ../nbs/06_ratio.ipynb #c43d9dc8
@@ -50,7 +51,7 @@ def DuvAdam(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     ratio_clip:float=1e3, # Cap on |g/m_{t-1} - 1| (the overflow guard)
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "DuvAdam: momentum over 1 + √(average squared deviation of g/m_{t-1} from 1)"
     cbs = [weight_decay_cb(decouple_wd), partial(ratio_deviation_stat, power=2), *momentum_stats, duv_adam_step]
@@ -63,9 +64,9 @@ def sign_grad(p, **kwargs):
     g.copy_(torch.where(g.isnan(), g, g.sign()))
 
 # %% ../nbs/06_ratio.ipynb #efe6ec27
-def su_adam_step(p, lr, mom, sqr_mom, step, grad_avg, ratio_avg, **kwargs):
+def su_adam_step(p, lr, mom, sqr_mom, step, grad_avg, ratio_avg, layout=None, **kwargs):
     "Move `p` by η·c·m̂_t/(1 + v̂_t), c the `layer_scale`"
-    debiased_step(p, lr * layer_scale(p.data), mom, step, grad_avg, 1 + ratio_avg / bias_correction(sqr_mom, step))
+    debiased_step(p, lr * layer_scale(p.data, layout), mom, step, grad_avg, 1 + ratio_avg / bias_correction(sqr_mom, step))
 
 # %% ../nbs/06_ratio.ipynb #c4015203
 def SUAdam(
@@ -76,7 +77,7 @@ def SUAdam(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     ratio_clip:float=1e3, # Cap on |s/m_{t-1} - 1| (the overflow guard)
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "SUAdam: momentum of gradient signs over 1 + their average deviation, scaled by the weights' mean size"
     cbs = [weight_decay_cb(decouple_wd), sign_grad, partial(ratio_deviation_stat, power=1), *momentum_stats, su_adam_step]
@@ -88,19 +89,19 @@ def sign_clamp(x:Tensor, a:Tensor) -> Tensor:
     return torch.where(x.abs() > a, x, torch.where(x == 0, a, x.sign() * a))
 
 # %% ../nbs/06_ratio.ipynb #a64eb503
-def phi_avg_stat(p, sqr_mom, prev_grad=None, prev_update=None, phi_avg=None, **kwargs):
+def phi_avg_stat(p, sqr_mom, prev_grad=None, prev_update=None, phi_avg=None, layout=None, **kwargs):
     "BAdam's v_t: average Φ = (g - g_prev)/sign_clamp(u_prev, mean|u_prev|) into `phi_avg`; Φ = 0 where that is not finite"
     if phi_avg is None: return {'phi_avg': torch.zeros_like(p.grad)}   # t = 1: no previous step
-    phi = (p.grad - prev_grad) / sign_clamp(prev_update, prev_update.abs().mean())
+    phi = (p.grad - prev_grad) / sign_clamp(prev_update, tensor_mean(prev_update.abs(), layout=layout))
     phi = torch.where(phi.isfinite(), phi, 0.)
     phi_avg.mul_(sqr_mom).add_(phi, alpha=1 - sqr_mom)
     return {'phi_avg': phi_avg}
 
 # %% ../nbs/06_ratio.ipynb #b0fef9f8
-def b_adam_step(p, lr, mom, sqr_mom, step, grad_avg, phi_avg, beta, prev_grad=None, prev_update=None, **kwargs):
+def b_adam_step(p, lr, mom, sqr_mom, step, grad_avg, phi_avg, beta, prev_grad=None, prev_update=None, layout=None, **kwargs):
     "Move `p` by BAdam's u_t and remember the gradient and u_t for the next step"
     denom = torch.where(step > 1, softplus((phi_avg / bias_correction(sqr_mom, step - 1)).abs(), beta), 1.)
-    update = debiased_step(p, lr * layer_scale(p.data), mom, step, grad_avg, denom)
+    update = debiased_step(p, lr * layer_scale(p.data, layout), mom, step, grad_avg, denom)
     if prev_grad is None: return {'prev_grad': p.grad.clone(), 'prev_update': update}
     return {'prev_grad': prev_grad.copy_(p.grad), 'prev_update': prev_update.copy_(update)}
 
@@ -116,7 +117,7 @@ def BAdam(
     beta:float=50., # β, the softplus sharpness
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "BAdam: momentum over softplus_β of a finite-difference curvature estimate along the last update"
     cbs = [weight_decay_cb(decouple_wd), *momentum_stats, phi_avg_stat, b_adam_step]

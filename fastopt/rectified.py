@@ -88,7 +88,7 @@ def RAdam(
     beta:float=0., # β > 0: softplus_β denominator (fastai's "SAdam" switch)
     decouple_wd:bool=True, # Decoupled weight decay (RAdamW) or L2 regularization (RAdam)
     rho_min:float=5., # ρ_min: rectify once ρ_t exceeds it (the seed and Algorithm 2 use 4)
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "RAdam: fastai's `RAdam`, with the same signature, defaults and steps, plus `rho_min`"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, radam_step]
@@ -111,7 +111,7 @@ def SAdam(
     beta:float=50., # β, the softplus sharpness
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "SAdam: Adam with a softplus_β denominator instead of √v̂ + ε"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, sadam_step]
@@ -136,7 +136,7 @@ def SRAdam(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     rho_min:float=4., # ρ_min: rectify once ρ_t exceeds it
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "SRAdam: RAdam's rectification with SAdam's softplus denominator"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, sradam_step]

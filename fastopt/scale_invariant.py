@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn, Tensor
 from .core import *
+from .flat import *
 from .adam import adam_step
 
 # %% auto #0
@@ -52,10 +53,11 @@ def feeds_batchnorm(model:nn.Module) -> Callable:
     return lambda p: id(p) in ids
 
 # %% ../nbs/05_scale_invariant.ipynb #efaa30f0
-def channel_rms(p:Tensor) -> Tensor:
+def channel_rms(p:Tensor, layout=None) -> Tensor:
     "RMS of each output channel (dim 0) over its other dims, shaped to broadcast against `p`; |p| for 0-d and 1-d `p`"
+    if layout is not None: return torch.where(tensor_ndim(p, layout) >= 2, channel_mean(p.square(), layout=layout).sqrt(), p.abs())
     if p.ndim < 2: return p.abs()
-    return p.square().mean(dim=tuple(range(1, p.ndim)), keepdim=True).sqrt()
+    return channel_mean(p.square()).sqrt()
 
 # %% ../nbs/05_scale_invariant.ipynb #0de3d463
 def record_init_rms(p, predicate=is_conv_weight, scale_invariant=None, init_rms=None, **kwargs):
@@ -64,15 +66,17 @@ def record_init_rms(p, predicate=is_conv_weight, scale_invariant=None, init_rms=
     if scale_invariant is None: scale_invariant = bool(predicate(p))
     return {'scale_invariant': scale_invariant, **({'init_rms': channel_rms(p.data)} if scale_invariant else {})}
 
+record_init_rms.per_channel = True   # the fused path lays out output channels
+
 # %% ../nbs/05_scale_invariant.ipynb #be3f519c
-def rms_ratio(p:Tensor, init_rms:Tensor) -> Tensor:
+def rms_ratio(p:Tensor, init_rms:Tensor, layout=None) -> Tensor:
     "RMS(p_k)/s₀_k per output channel; 1 where s₀_k is 0"
-    return torch.where(init_rms > 0, channel_rms(p) / init_rms, 1.)
+    return torch.where(init_rms > 0, channel_rms(p, layout) / init_rms, 1.)
 
 # %% ../nbs/05_scale_invariant.ipynb #9852a3c6
-def stable_adam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, init_rms=None, **kwargs):
+def stable_adam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, init_rms=None, layout=None, **kwargs):
     "Adam's step; for a scale-invariant `p`, each output channel's rate multiplied by `rms_ratio`"
-    if init_rms is not None: lr = lr * rms_ratio(p.data, init_rms)
+    if init_rms is not None: lr = lr * rms_ratio(p.data, init_rms, layout)
     adam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps)
 
 # %% ../nbs/05_scale_invariant.ipynb #306ebf46
@@ -85,17 +89,17 @@ def StableAdam(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     scale_invariant:Callable=is_conv_weight, # Predicate choosing Θ, such as `feeds_batchnorm(model)`
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "StableAdam: Adam whose steps on scale-invariant weights grow with the weights"
     cbs = [partial(record_init_rms, predicate=scale_invariant), weight_decay_cb(decouple_wd), *adam_stats, stable_adam_step]
     return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/05_scale_invariant.ipynb #e51e749e
-def restore_init_rms(p, init_rms=None, **kwargs):
+def restore_init_rms(p, init_rms=None, layout=None, **kwargs):
     "For a scale-invariant `p`, rescale each output channel back to its `init_rms` (channels with RMS 0, or off by 2 ulps or less, unchanged)"
     if init_rms is None: return
-    now = channel_rms(p.data)
+    now = channel_rms(p.data, layout)
     factor = torch.where(now > 0, init_rms / now, 1.)
     p.data.mul_(torch.where((factor - 1).abs() > 2 * torch.finfo(p.dtype).eps, factor, 1.))
 
@@ -107,7 +111,7 @@ def AdamAWD(
     sqr_mom:float=0.99, # β2, the squared-gradient average coefficient
     eps:float=1e-8, # ε, added to the denominator
     scale_invariant:Callable=is_conv_weight, # Predicate choosing Θ, such as `feeds_batchnorm(model)`
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "AdamAWD: Adam, then scale-invariant weights rescaled per output channel to their initial RMS"
     cbs = [partial(record_init_rms, predicate=scale_invariant), *adam_stats, adam_step, restore_init_rms]

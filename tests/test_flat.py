@@ -1,0 +1,163 @@
+"""The flat layout of the fused path.
+
+- The reduction helpers on a `FlatLayout` give every block its tensor's (or output channel's) value of the plain
+  per-tensor op (float32 within 1e-6), padding and empty trailing blocks ignored; with `layout=None` they are the plain ops.
+- The fused optimizer keeps parameters, gradients and state as views of its flat buffers, and when something moves them
+  away (`.double()`, channels_last, a re-assigned `.data`, `zero_grad(set_to_none=True)`, a new parameter group, a
+  parameter that stops getting gradients, a stat that returns a fresh tensor) it lays them out again or steps them
+  eagerly, with the results of the eager path (rtol 1e-5) and frozen parameters bit-identical.
+- One graph per bucket whatever the number of tensors: a new model of another size reuses it without recompiling.
+"""
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+import fastopt
+from fastopt.flat import *
+
+def random_tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 64), (5,), (2, 2, 4, 8), (130,), (1,), (7, 3)]
+    return [torch.randn(s, generator=g) for s in shapes]
+
+@pytest.mark.parametrize('fn', [tensor_sum, tensor_mean, tensor_norm])
+def test_tensor_reductions_match_the_plain_ops(fn):
+    ts = random_tensors()
+    lay = FlatLayout(ts)
+    buf = lay.pack(ts)
+    buf.view(-1)[-BLOCK:] = 1e6   # the trailing empty block is not any tensor's
+    res = fn(buf, layout=lay)
+    assert res.shape == (lay.nblocks, 1)
+    for i,t in enumerate(ts):
+        for b in range(lay.first_block[i], lay.first_block[i + 1]):
+            torch.testing.assert_close(res[b, 0], fn(t), rtol=1e-6, atol=1e-6)
+    two = fn(buf, 2 * buf, layout=lay)   # several tensors in one call
+    torch.testing.assert_close(two[1], fn(2 * buf, layout=lay))
+
+def test_channel_reductions_match_the_plain_ops():
+    ts = random_tensors()[:4]   # rows of 64 and 32*... : (3, 64), (5,), (2, 2, 4, 8) has rows of 64, (130,)
+    lay = FlatLayout(ts, channels=True)
+    buf = lay.pack(ts)
+    for fn in (channel_sum, channel_mean):
+        res = fn(buf, layout=lay)
+        for i in (0, 2):
+            per_channel = fn(ts[i]).reshape(-1)
+            blocks = res[lay.first_block[i]:lay.first_block[i + 1], 0]
+            torch.testing.assert_close(blocks, per_channel.repeat_interleave(len(blocks) // len(per_channel)), rtol=1e-6, atol=1e-6)
+    assert tensor_ndim(ts[2]) == 4 and tensor_ndim(buf, lay)[lay.first_block[2], 0] == 4
+
+def test_unaligned_channels_are_refused():
+    with pytest.raises(ValueError, match=r'rows of 21 elements'): FlatLayout([torch.zeros(7, 3, 7)], channels=True)
+    assert channel_aligned(torch.zeros(7, 3, 7)) is False and channel_aligned(torch.zeros(5)) is True
+
+def test_views_keep_shape_strides_and_zero_padding():
+    ts = random_tensors() + [torch.randn(4, 6).t(), torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)]
+    lay = FlatLayout(ts)
+    buf = lay.pack(ts)
+    for v,t in zip(lay.views(buf), ts): assert torch.equal(v, t) and v.stride() == t.stride()
+    real = sum(t.numel() for t in ts)
+    assert buf.numel() - real == (lay.valid().numel() - lay.valid().sum()).item() and buf[~lay.valid()].abs().sum() == 0
+
+# The optimizer on flat buffers: the pitfalls
+
+def model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(4, 8, 4, bias=False), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 5 * 5, 3))
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(6, 4, 8, 8, generator=g), torch.randint(0, 3, (6,), generator=g)
+
+def in_buffers(opt):
+    "Whether every fused parameter, its gradient and its state are views of the flat buffers"
+    ok = []
+    for flat in opt._flat.values():
+        for b in flat.buckets.values():
+            base = b.p.untyped_storage().data_ptr()
+            for p in b.params:
+                ok.append(p.untyped_storage().data_ptr() == base and (p.grad is None or p.grad.untyped_storage().data_ptr() == b.g.untyped_storage().data_ptr()))
+                ok += [opt.state[p][k].untyped_storage().data_ptr() == v.untyped_storage().data_ptr() for k,v in b.state.items()]
+    return bool(ok) and all(ok)
+
+def freeze_conv(t, m, opt):
+    "Freeze the conv for steps 2 to 4, as fastai's freeze with set_to_none gradients would"
+    for p in m[0].parameters():
+        p.requires_grad_(not 2 <= t < 5)
+        if 2 <= t < 5: p.grad = None
+
+PITFALLS = {
+    'double': lambda t, m, opt: t == 3 and m.double(),
+    'channels_last': lambda t, m, opt: t == 3 and m.to(memory_format=torch.channels_last),
+    'data_reassigned': lambda t, m, opt: t == 3 and setattr(m[3].weight, 'data', m[3].weight.data.clone()),
+    'frozen_then_unfrozen': freeze_conv,
+    'set_to_none': lambda t, m, opt: None,
+}
+
+def run_pitfall(name, fused):
+    m = model()
+    opt = fastopt.Adam(list(m.parameters()), lr=1e-2, fused=fused)
+    x, y = data()
+    for t in range(7):
+        PITFALLS[name](t, m, opt)
+        if t == 2: before = m[0].weight.detach().clone()
+        loss = nn.functional.cross_entropy(m(x.to(m[0].weight.dtype)), y)
+        loss.backward()
+        opt.step()
+        if name == 'frozen_then_unfrozen' and 2 <= t < 5: assert torch.equal(m[0].weight, before), 'a frozen parameter moved'
+        if name == 'set_to_none': m.zero_grad(set_to_none=True)
+        else: opt.zero_grad()
+    return m, opt
+
+@pytest.mark.parametrize('name', list(PITFALLS))
+def test_pitfalls_step_like_eager(name):
+    counters.clear()
+    fm, fopt = run_pitfall(name, True)
+    em, _ = run_pitfall(name, False)
+    assert fopt.fused and fopt._flat, 'the fused path did not run'
+    for p,q in zip(fm.parameters(), em.parameters()):
+        assert p.dtype == q.dtype and p.stride() == q.stride()
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    if name != 'double': assert in_buffers(fopt)
+    if name == 'channels_last': assert fm[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not counters['recompiles'], dict(counters['recompiles'])
+
+def fresh_avg(p, mom, grad_avg=None, **kwargs):
+    "A functional stat: a new tensor every step"
+    return {'grad_avg': (torch.zeros_like(p.grad) if grad_avg is None else grad_avg) * mom + p.grad}
+
+def avg_step(p, lr, grad_avg, **kwargs): p.data.sub_(grad_avg * lr)
+
+def test_stat_returning_a_fresh_tensor_and_a_new_group():
+    "A stat that returns new tensors, and a parameter group added after some steps, step as eagerly"
+    def go(fused):
+        g = torch.Generator().manual_seed(0)
+        ps = [torch.randn(5, 3, generator=g).requires_grad_(), torch.randn(3, generator=g).requires_grad_()]
+        extra = [torch.randn(4, generator=g).requires_grad_()]
+        opt = fastopt.Optimizer(ps, [fresh_avg, avg_step], fused=fused, lr=0.1, mom=0.9)
+        for t in range(6):
+            if t == 3:
+                opt.param_lists.append(extra); opt.hypers.append(dict(opt.hypers[0]))
+            for p in opt._all_params(): p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return opt._all_params(), opt
+    fused, opt = go(True)
+    eager, _ = go(False)
+    assert opt.fused and len(opt._flat) == 2 and in_buffers(opt)
+    for p,q in zip(fused, eager): torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+def test_one_graph_serves_models_of_any_size():
+    "Sizes are dynamic: a second optimizer over more, differently shaped tensors reuses the compiled graph (no new inductor compile)"
+    def steps(shapes):
+        ps = [torch.randn(s).requires_grad_() for s in shapes]
+        opt = fastopt.SGD(ps, lr=0.1, mom=0.9, fused=True)
+        for _ in range(3):
+            for p in ps: p.grad = torch.ones_like(p)
+            opt.step()
+        return opt
+    torch._dynamo.reset(); counters.clear()
+    steps([(3, 4), (5,)])
+    first = counters['inductor']['fxgraph_cache_miss'] + counters['inductor']['fxgraph_cache_hit']
+    counters.clear()
+    opt = steps([(7, 9), (2,), (1000,), (3, 3, 3)])
+    assert opt.fused and counters['inductor']['fxgraph_cache_miss'] == 0, dict(counters['inductor'])
+    assert first >= 1
