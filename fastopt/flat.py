@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 from fastai.optimizer import _update
+try: from torch.distributed.tensor import DTensor, Replicate
+except ImportError: DTensor = None   # a torch built without distributed
 
 # %% auto #0
 __all__ = ['BLOCK', 'channel_aligned', 'FlatLayout', 'tensor_sum', 'tensor_mean', 'tensor_norm', 'channel_sum', 'channel_mean',
@@ -165,20 +167,30 @@ def _row_of(shape) -> int: return math.prod(shape[1:])
 # %% ../nbs/00a_flat.ipynb #3af2ec7c
 def _one(xs): return xs[0] if len(xs) == 1 else tuple(xs)
 
+def _dtensors(xs) -> bool: return DTensor is not None and all(isinstance(x, DTensor) for x in xs)
+
+def _over_ranks(rs:list) -> list:
+    "0-d DTensor reductions (partial: one sum per shard) completed over the ranks, all of one helper call in one all-reduce"
+    s = torch.stack(rs)   # without this, DTensor all-reduces a partial value again at every later use of it
+    return list(s.redistribute(s.device_mesh, [Replicate()] * s.device_mesh.ndim).unbind(0))
+
 def tensor_sum(*xs:Tensor, layout:FlatLayout|None=None):
     "The sum of all of each of `xs`: 0-d tensors, or on a flat `layout` one value per block, each tensor's own"
-    if layout is None: return _one([x.sum() for x in xs])
+    if layout is None: return _one(_over_ranks([x.sum() for x in xs]) if _dtensors(xs) else [x.sum() for x in xs])
     return _one(layout.sum_segments(xs))
 
 def tensor_mean(*xs:Tensor, layout:FlatLayout|None=None):
     "The mean of all of each of `xs` (see `tensor_sum`)"
-    if layout is None: return _one([x.mean() for x in xs])
+    if layout is None:   # DTensor's own `mean` all-gathers an unevenly sharded tensor: a sum over the global count does not
+        return _one(_over_ranks([x.sum() / x.numel() for x in xs]) if _dtensors(xs) else [x.mean() for x in xs])
     n = layout.numel()
     return _one([(s / n).to(x.dtype) for s,x in zip(layout.sum_segments(xs), xs)])
 
 def tensor_norm(*xs:Tensor, layout:FlatLayout|None=None):
     "The L2 norm of all of each of `xs` (see `tensor_sum`)"
-    if layout is None: return _one([torch.linalg.vector_norm(x) for x in xs])
+    if layout is None:
+        if _dtensors(xs): return _one([s.sqrt() for s in _over_ranks([x.square().sum() for x in xs])])
+        return _one([torch.linalg.vector_norm(x) for x in xs])
     return _one([s.sqrt() for s in layout.sum_segments([x * x for x in xs])])
 
 def channel_sum(*xs:Tensor, layout:FlatLayout|None=None):
