@@ -1,4 +1,4 @@
-"""fastopt under data parallelism, where nothing changes, and what sharded optimizer state would need: a reduction across shards for every per-tensor and per-channel quantity.
+"""fastopt under data parallelism, where nothing changes, and under FSDP2, where every optimizer steps exactly on sharded parameters: reductions completed across the ranks with the collectives counted, sharded checkpoints, and a fastai recipe.
 
 Docs: https://fastopt.github.io/fastopt/sharding.html.md"""
 
