@@ -217,13 +217,14 @@ def _kind(k, v, p:Tensor):
     if v is None or isinstance(v, (bool, int, float, str)): return ('static', v)
     return None
 
-def _signature(p:Tensor, state:dict, channels:bool, bools:set):
+def _signature(p:Tensor, state:dict, channels:bool, bools:set, read:set):
     "The bucket `p` goes into: device, dtype and the kinds of its state; None for a parameter that steps eagerly"
     if not _plain_tensor(p) or p.ndim == 0 or not _dense(p) or (channels and not channel_aligned(p)): return None
     kinds = []
     for k,v in sorted(state.items()):
         if k in bools and isinstance(v, bool): continue
         kd = _kind(k, v, p)
+        if kd is not None and kd[0] == 'static' and k not in read: continue   # constant state no callback reads (`force_train`)
         if kd is None or (kd[0] == 'channel' and not channels): return None
         kinds.append((k,) + kd)
     return (p.device, p.dtype, tuple(kinds))
@@ -286,11 +287,11 @@ class _GroupLayouts:
     "A group's parameters that step fused, bucketed by device, dtype and state signature"
     def __init__(self, opt, params:list):
         channels = any(_cb_attr(cb, 'per_channel') for cb in opt.cbs)
-        bools = _per_block_bools(opt.cbs)
+        bools,read = _per_block_bools(opt.cbs),set().union(*map(_cb_names, opt.cbs))
         by = {}
         self.unfit = set()
         for p in params:
-            sig = _signature(p, opt.state[p], channels, bools)
+            sig = _signature(p, opt.state[p], channels, bools, read)
             if sig is None: self.unfit.add(id(p))
             else: by.setdefault(sig, []).append(p)
         self.buckets = {k: _Bucket(opt, ps, k[2], channels, bools) for k,ps in by.items()}
@@ -404,7 +405,8 @@ class Optimizer(fastai.optimizer.Optimizer):
         todo = [p for p in b.params if p.grad is not None and id(p) not in skip]
         if self.fused is False: return self._run(group_step, todo, hyper)
         try:
-            with _no_duck_shapes(): self._fns[key]([flat_versions.get(cb, cb) for cb in self.cbs], b.p, b.state, args, b.layout, live)
+            cbs = [flat_versions.get(cb, cb) for cb in self.cbs] if b.bools else self.cbs   # do_wd as a mask needs the mask-reading versions
+            with _no_duck_shapes(): self._fns[key](cbs, b.p, b.state, args, b.layout, live)
         except Exception as e:
             warnings.warn(f"fastopt: the fused step failed to compile ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                           "this optimizer steps eagerly from now on. Pass fused=False to choose that yourself.")

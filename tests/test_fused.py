@@ -90,6 +90,7 @@ def test_state_is_interchangeable(first, second):
     g2 = torch.Generator(); g2.set_state(g.get_state())
     steps(opt, groups, g, 10)
     steps(opt2, resumed, g2, 10)
+    assert (opt if first else opt2).fused is True and (opt if first else opt2)._flat, 'the fused path fell back to eager'
     for a,b in zip([p for pg in groups for p in pg], [p for pg in resumed for p in pg]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
