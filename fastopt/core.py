@@ -18,7 +18,8 @@ from fastcore.foundation import L
 import fastai.optimizer
 from fastai.optimizer import weight_decay, l2_reg, average_grad, average_sqr_grad, _update
 from .flat import *
-from .flat import *
+try: from torch.distributed.tensor import DTensor, Shard
+except ImportError: DTensor = Shard = None   # a torch built without distributed
 
 # %% auto #0
 __all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'flat_versions', 'momentum_stats', 'adam_stats', 'real',
@@ -283,6 +284,83 @@ class _Bucket:
         if live != self._live: self._live,self._mask = live,_dynamic_size(self.layout.per_block(live, torch.float64) > 0)
         return self._mask
 
+def _local(t:Tensor) -> Tensor: return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+def _shards_filled(p) -> bool:
+    "Whether every rank holds some of `p` (FSDP2 chunks dim 0 like `torch.chunk`: 5 rows over 4 ranks leave the last empty); global, so the same on every rank"
+    n,w = p.shape[0],p.device_mesh.size()
+    return n > 0 and -(-n // w) * (w - 1) < n
+
+def _shard_signature(p:Tensor, state:dict, channels:bool, bools:set, read:set):
+    "The bucket of a DTensor parameter (FSDP2: `Shard(0)` on a 1-D mesh) whose step can run on flat copies of this rank's shards; None: it steps eagerly"
+    if DTensor is None or not isinstance(p, DTensor) or channels or p.ndim == 0: return None
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or not _shards_filled(p) or not _dense(p._local_tensor): return None
+    kinds = []
+    for k,v in sorted(state.items()):
+        if k in bools and isinstance(v, bool): continue
+        if isinstance(v, DTensor):
+            if v.shape == p.shape and v.dtype == p.dtype and v.placements == p.placements: kinds.append((k, 'elem', v.dtype))
+            elif v.ndim == 0 and all(pl.is_replicate() for pl in v.placements) and v.is_floating_point(): kinds.append((k, 'scalar', v.dtype))
+            else: return None
+        elif isinstance(v, Tensor):
+            if not (_plain_tensor(v) and v.ndim == 0 and v.is_floating_point()): return None
+            kinds.append((k, 'scalar', v.dtype))
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            if k in read: kinds.append((k, 'static', v))
+        else: return None
+    return ('shards', p.device_mesh.get_group().group_name, p.device_mesh.device_type, p.dtype, tuple(kinds))   # FSDP2 makes a mesh per `fully_shard`, over one group
+
+class _ShardBucket:
+    "DTensor parameters of one group and state signature, stepped on flat copies of this rank's shards; the layout all-reduces the per-tensor sums over the mesh, once per helper call"
+    def __init__(self, opt, params:list, kinds:tuple, bools:set):
+        self.params,self.opt,self.kinds = params,opt,kinds
+        mesh = params[0].device_mesh
+        self.layout = lay = FlatLayout([p._local_tensor for p in params], numels=[p.numel() for p in params], process_group=mesh.get_group())
+        self.p,self.g = lay.empty(),lay.empty()
+        self.p.grad = self.g
+        self.state,self.statics = {},{}
+        for k,kind,x in kinds:
+            if kind == 'static': self.statics[k] = x
+            else: self.state[k] = lay.empty(x, per_block=kind == 'scalar')
+        self.bools = {k: [opt.state[p].get(k, True) for p in params] for k in bools}
+        for k,vs in self.bools.items(): self.statics[k] = _dynamic_size(lay.per_block(vs, torch.float64) > 0)
+        self.sigs = [_shard_signature(p, opt.state[p], False, bools, set().union(*map(_cb_names, opt.cbs))) for p in params]
+        self._live = None
+        _dynamic_size(self.p, self.g, *self.state.values(), *(getattr(lay, k) for k in _layout_tensors))
+
+    def valid(self) -> bool:
+        "Whether the parameters' state still has the kinds the flat buffers were laid out for"
+        bools = set(self.bools)
+        if [_shard_signature(p, self.opt.state[p], False, bools, set().union(*map(_cb_names, self.opt.cbs))) for p in self.params] != self.sigs: return False
+        return all([self.opt.state[p].get(k, True) for p in self.params] == vs for k,vs in self.bools.items())
+
+    def attach_grads(self, skip:set):
+        "Copy this rank's shards of the parameters, gradients and state into the flat buffers; return the live mask, or None if no parameter has a gradient"
+        lay,params = self.layout,self.params
+        grads = [None if id(p) in skip else p.grad for p in params]
+        live = [g is not None for g in grads]
+        if not any(live): return None
+        for v,p in zip(lay.views(self.p), params): v.copy_(p._local_tensor)
+        for v,g in zip(lay.views(self.g), grads):
+            if g is None: v.zero_()
+            else: v.copy_(_local(g))
+        for k,kind,x in self.kinds:
+            if kind == 'elem':
+                for v,p in zip(lay.views(self.state[k]), params): v.copy_(_local(self.opt.state[p][k]))
+            elif kind == 'scalar': self.state[k].copy_(lay.per_block([_local(self.opt.state[p][k]) for p in params], x))
+        if live != self._live: self._live,self._mask = live,_dynamic_size(lay.per_block(live, torch.float64) > 0)
+        return self._mask
+
+    def copy_back(self):
+        "Write the stepped flat buffers back into the parameters' shards and their state"
+        lay = self.layout
+        for v,p in zip(lay.views(self.p), self.params): p._local_tensor.copy_(v)
+        for k,kind,x in self.kinds:
+            if kind == 'elem':
+                for v,p in zip(lay.views(self.state[k]), self.params): _local(self.opt.state[p][k]).copy_(v)
+            elif kind == 'scalar':
+                for v,p in zip(lay.scalar_views(self.state[k]), self.params): _local(self.opt.state[p][k]).copy_(v)
+
 class _GroupLayouts:
     "A group's parameters that step fused, bucketed by device, dtype and state signature"
     def __init__(self, opt, params:list):
@@ -291,10 +369,10 @@ class _GroupLayouts:
         by = {}
         self.unfit = set()
         for p in params:
-            sig = _signature(p, opt.state[p], channels, bools, read)
+            sig = _signature(p, opt.state[p], channels, bools, read) or _shard_signature(p, opt.state[p], channels, bools, read)
             if sig is None: self.unfit.add(id(p))
             else: by.setdefault(sig, []).append(p)
-        self.buckets = {k: _Bucket(opt, ps, k[2], channels, bools) for k,ps in by.items()}
+        self.buckets = {k: _ShardBucket(opt, ps, k[4], bools) if k[0] == 'shards' else _Bucket(opt, ps, k[2], channels, bools) for k,ps in by.items()}
         self.ids = {id(p) for b in self.buckets.values() for p in b.params}
 
     def valid(self, opt) -> bool: return all(b.valid() for b in self.buckets.values())
@@ -407,6 +485,7 @@ class Optimizer(fastai.optimizer.Optimizer):
         try:
             cbs = [flat_versions.get(cb, cb) for cb in self.cbs] if b.bools else self.cbs   # do_wd as a mask needs the mask-reading versions
             with _no_duck_shapes(): self._fns[key](cbs, b.p, b.state, args, b.layout, live)
+            if isinstance(b, _ShardBucket): b.copy_back()
         except Exception as e:
             warnings.warn(f"fastopt: the fused step failed to compile ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                           "this optimizer steps eagerly from now on. Pass fused=False to choose that yourself.")

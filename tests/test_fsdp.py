@@ -25,6 +25,7 @@ One 2-rank spawn runs all the 2-rank cases (its startup costs more than they do)
   same accuracy.
 The ranks' init uses a FileStore in pytest's tmp dir, so parallel runs on one machine cannot clash on a port."""
 import contextlib, functools, math, os, time, traceback
+from functools import partial
 from datetime import timedelta
 
 import pytest
@@ -46,8 +47,11 @@ HYPERS = dict(SUAdam=dict(lr=0.3), BAdam=dict(lr=0.3, beta=5.), DuvAdam=dict(lr=
 N_STEPS, BS, DTYPE = 4, 12, torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)
 RESHARD_TOL = dict(rtol=1e-12, atol=1e-14)
-# fused=True: DTensor parameters step eagerly (a flat layout over FSDP2's shards is not built), so fused must equal eager
-CASES = NAMES + [f'{n}-fused' for n in ['Lamb', 'BAdam', 'StableAdam']]   # a per-tensor norm, two per-tensor means, per-channel state
+# fused=True: DTensor parameters step on flat copies of each rank's shards (one compiled graph per group, its
+# all-reduces counted in the graph), except for per-channel optimizers, whose DTensor parameters step eagerly
+FUSED = ['Lamb', 'UM', 'StableAdam']
+PER_CHANNEL = {'AdamGC', 'StableAdam', 'AdamAWD'}
+CASES = NAMES + [f'{n}-fused' for n in FUSED]
 CKPT_NAMES = ['Lamb', 'StableAdam', 'BAdam']   # per-tensor norms, per-channel state (init_rms), previous-step state
 JOIN_TIMEOUT = 600
 
@@ -110,6 +114,12 @@ class LargestLocal(torch.utils._python_dispatch.TorchDispatchMode):
             if isinstance(o, torch.Tensor): self.most = max(self.most, local(o).numel())
         return out
 
+def counting_backend(graphs, gm, example_inputs):
+    "inductor (with fastopt's options), after appending the number of all-reduces in the graph to `graphs`"
+    from torch._inductor.compile_fx import compile_fx
+    graphs.append(sum(1 for n in gm.graph.nodes if n.op == 'call_function' and 'all_reduce' in str(n.target)))
+    return compile_fx(gm, example_inputs, config_patches=fastopt.Optimizer.inductor_options)
+
 def state_layout(opt):
     "For every state tensor: (parameter index, key, placements or None for a plain tensor, global shape, local numel)"
     res = []
@@ -130,10 +140,15 @@ def job_exact(rank, world, out):
         name, fused = case.split('-')[0], case.endswith('fused')
         model = shard(make_model())
         opt = make_opt(name, model, fused)
-        snaps, counts = train(model, opt, batches(), world, rank, count=True)
+        compiled = fused and name not in PER_CHANNEL
+        graphs = []
+        if compiled: opt.fused_backend,opt.inductor_options = partial(counting_backend, graphs),None
+        # torch.compile cannot run under CommDebugMode: a compiled step's all-reduces are counted in its graph instead
+        snaps, counts = train(model, opt, batches(), world, rank, count=not compiled)
+        extra = dict(graphs=graphs, still_fused=opt.fused, buckets={g: [type(b).__name__ for b in f.buckets.values()] for g, f in opt._flat.items()})
         mode = LargestLocal()   # on a step of its own: under CommDebugMode it would also see the ops inside DTensor's dispatch
-        train(model, opt, batches(N_STEPS + 1)[-1:], world, rank, watch=mode)
-        res[case] = dict(snaps=snaps, counts=counts, layout=state_layout(opt), state_bytes=state_bytes(opt),
+        if not compiled: train(model, opt, batches(N_STEPS + 1)[-1:], world, rank, watch=mode)
+        res[case] = dict(snaps=snaps, counts=counts, **extra, layout=state_layout(opt), state_bytes=state_bytes(opt),
                          largest_temp=mode.most, largest_shard=max(local(p).numel() for p in model.parameters()))
     return res
 
@@ -270,7 +285,14 @@ def expected_collectives(name, step):
 
 @pytest.mark.parametrize('case', CASES)
 def test_fsdp_collectives(two, case):
-    "Each step issues the collectives of `expected_collectives`: none for elementwise and per-channel optimizers, no all-gather"
+    "Each step issues the collectives of `expected_collectives`: none for elementwise and per-channel optimizers, no all-gather; a fused step one graph per group with one all-reduce per helper call"
+    name = case.split('-')[0]
+    if case.endswith('fused') and name not in PER_CHANNEL:
+        for r, res in enumerate(two['exact']):
+            assert res[case]['still_fused'] is True, f"{case} rank {r} fell back to eager"
+            assert res[case]['buckets'] == {0: ['_ShardBucket'], 1: ['_ShardBucket']}, f"{case} rank {r}: {res[case]['buckets']}"
+            assert res[case]['graphs'] and all(n == HELPER_CALLS[name] for n in res[case]['graphs']), f"{case} rank {r}: all-reduces per graph {res[case]['graphs']}"
+        return
     for r, res in enumerate(two['exact']):
         for t, counts in enumerate(res[case]['counts']):
             assert counts == expected_collectives(case.split('-')[0], t + 1), f"{case} rank {r} step {t + 1}: {counts}"
