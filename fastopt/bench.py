@@ -194,6 +194,7 @@ print(json.dumps(dict(seconds=time.perf_counter() - start, fused=str(fused))))
 def end_to_end(
     threads:int|None=None, # torch threads (default this process's)
     resnet_steps:int=300, # Optimizer steps of the resnet18-shaped run
+    warm:bool=False, # Time each fused run again with the inductor cache its first run left (a later run of the same job)
     log:bool=False, # Print each row as it is measured
 ) -> pd.DataFrame:
     "Wall time, compile included (each run a fresh process with an empty inductor cache): digits `fit_one_cycle(5)` with Adam, and `resnet_steps` Adam steps on resnet18's shapes"
@@ -202,14 +203,16 @@ def end_to_end(
     with tempfile.TemporaryDirectory() as tmp:
         for i,(what,mode) in enumerate(runs):
             env = {**os.environ, 'TORCHINDUCTOR_CACHE_DIR': str(Path(tmp)/str(i))}
-            out = subprocess.run([sys.executable, '-c', _e2e_script, what, mode, str(threads or torch.get_num_threads())],
-                                 env=env, capture_output=True, text=True, check=True)
-            res = json.loads(out.stdout.strip().splitlines()[-1])
-            run = 'digits fit_one_cycle(5)' if what == 'digits' else f'resnet18 shapes, {what} steps'
-            rows.append(dict(run=run, fused=mode, seconds=res['seconds']))
-            if log: print(f"{run}, fused={mode}: {res['seconds']:.1f} s", flush=True)
+            for cache in ('cold', 'warm') if warm and mode != 'False' else ('cold',):
+                out = subprocess.run([sys.executable, '-c', _e2e_script, what, mode, str(threads or torch.get_num_threads())],
+                                     env=env, capture_output=True, text=True, check=True)
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                run = 'digits fit_one_cycle(5)' if what == 'digits' else f'resnet18 shapes, {what} steps'
+                rows.append(dict(run=run, fused=mode, cache=cache, seconds=res['seconds']))
+                if log: print(f"{run}, fused={mode}, {cache} cache: {res['seconds']:.1f} s", flush=True)
     df = pd.DataFrame(rows)
-    df['vs_eager'] = df.seconds / df.groupby('run').seconds.transform('first')
+    eager = df[df.fused == 'False'].set_index('run').seconds
+    df['vs_eager'] = df.seconds / df.run.map(eager)
     return df
 
 # %% ../nbs/95_bench.ipynb #b902233f
