@@ -15,8 +15,8 @@ import fastopt
 
 # %% auto #0
 __all__ = ['param_sets', 'bench_optimizers', 'resnet18_shapes', 'transformer_shapes', 'many_shapes', 'median_seconds',
-           'copy_bandwidth', 'make_params', 'state_tensors_per_param', 'bench', 'compile_seconds', 'compile_bench',
-           'end_to_end', 'peers_bench']
+           'interleaved_ms', 'copy_bandwidth', 'make_params', 'state_tensors_per_param', 'bench', 'compile_seconds',
+           'compile_bench', 'end_to_end', 'peers_bench']
 
 # %% ../nbs/95_bench.ipynb #a8db3721
 def resnet18_shapes() -> list:
@@ -48,6 +48,16 @@ def median_seconds(fn, n:int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+def interleaved_ms(fns:list, n:int) -> list:
+    "Median wall time in ms of each of `fns`, called in turn `n` times, so that a machine whose speed drifts (shared cores) slows all of them alike"
+    times = [[] for _ in fns]
+    for _ in range(n):
+        for t,fn in zip(times, fns):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t) for t in times]
 
 def copy_bandwidth(numel:int, n:int=10) -> float:
     "Bytes per second that a float32 copy of `numel` values reads and writes"
@@ -89,15 +99,14 @@ def bench(
         ps = make_params(set_shapes)
         adamw = torch.optim.AdamW(ps, lr=1e-3, fused=True)
         adamw.step()
-        torch_ms = 1e3 * median_seconds(adamw.step, steps)
-        del adamw
         for name in names or bench_optimizers:
             kw = _kwargs.get(name, {})
             ps = make_params(set_shapes)
             opt = getattr(fastopt, name)(ps, lr=1e-3, fused=True, **kw)
             opt.step()
             start = time.perf_counter(); opt.step(); compile_s = time.perf_counter() - start
-            fused_ms = 1e3 * median_seconds(opt.step, steps) if opt.fused else float('nan')
+            fused_ms,torch_ms = interleaved_ms([opt.step, adamw.step], steps)
+            if not opt.fused: fused_ms = float('nan')
             n_state = state_tensors_per_param(opt, ps)
             ps = make_params(set_shapes)
             opt = getattr(fastopt, name)(ps, lr=1e-3, fused=False, **kw)
