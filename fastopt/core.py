@@ -376,12 +376,11 @@ class Optimizer(fastai.optimizer.Optimizer):
             return self._seen.update(map(id, live))
         flat = self._flat.get(group)
         if flat is not None and not flat.valid(self): flat = None              # a parameter or its state moved: lay out again
-        covered = flat.ids if flat is not None else set()
-        eager = [p for p in live if id(p) not in covered]                      # first steps, and what no layout holds
+        if flat is None or any(id(p) in self._seen and id(p) not in flat.ids and id(p) not in flat.unfit for p in live):
+            flat = self._flat[group] = _GroupLayouts(self, [p for p in params if id(p) in self._seen])
+        eager = [p for p in live if id(p) not in flat.ids]                     # first steps, and what no layout holds
         if eager: self._run(group_step, eager, hyper)
         self._seen.update(map(id, eager))
-        if flat is None or any(id(p) in self._seen and id(p) not in flat.ids and id(p) not in flat.unfit for p in eager):
-            flat = self._flat[group] = _GroupLayouts(self, [p for p in params if id(p) in self._seen])
         skip = set(map(id, eager))
         for key,b in flat.buckets.items(): self._run_flat((group,) + key, b, hyper, skip)
 
