@@ -15,8 +15,8 @@ import fastopt
 
 # %% auto #0
 __all__ = ['param_sets', 'bench_optimizers', 'resnet18_shapes', 'transformer_shapes', 'many_shapes', 'median_seconds',
-           'copy_bandwidth', 'make_params', 'state_tensors_per_param', 'bench', 'compile_seconds', 'compile_bench',
-           'end_to_end', 'peers_bench']
+           'interleaved_ms', 'copy_bandwidth', 'make_params', 'state_tensors_per_param', 'bench', 'compile_seconds',
+           'compile_bench', 'end_to_end', 'peers_bench']
 
 # %% ../nbs/95_bench.ipynb #a8db3721
 def resnet18_shapes() -> list:
@@ -48,6 +48,16 @@ def median_seconds(fn, n:int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+def interleaved_ms(fns:list, n:int) -> list:
+    "Median wall time in ms of each of `fns`, called in turn `n` times, so that a machine whose speed drifts (shared cores) slows all of them alike"
+    times = [[] for _ in fns]
+    for _ in range(n):
+        for t,fn in zip(times, fns):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t) for t in times]
 
 def copy_bandwidth(numel:int, n:int=10) -> float:
     "Bytes per second that a float32 copy of `numel` values reads and writes"
@@ -89,15 +99,14 @@ def bench(
         ps = make_params(set_shapes)
         adamw = torch.optim.AdamW(ps, lr=1e-3, fused=True)
         adamw.step()
-        torch_ms = 1e3 * median_seconds(adamw.step, steps)
-        del adamw
         for name in names or bench_optimizers:
             kw = _kwargs.get(name, {})
             ps = make_params(set_shapes)
             opt = getattr(fastopt, name)(ps, lr=1e-3, fused=True, **kw)
             opt.step()
             start = time.perf_counter(); opt.step(); compile_s = time.perf_counter() - start
-            fused_ms = 1e3 * median_seconds(opt.step, steps) if opt.fused else float('nan')
+            fused_ms,torch_ms = interleaved_ms([opt.step, adamw.step], steps)
+            if not opt.fused: fused_ms = float('nan')
             n_state = state_tensors_per_param(opt, ps)
             ps = make_params(set_shapes)
             opt = getattr(fastopt, name)(ps, lr=1e-3, fused=False, **kw)
@@ -194,6 +203,7 @@ print(json.dumps(dict(seconds=time.perf_counter() - start, fused=str(fused))))
 def end_to_end(
     threads:int|None=None, # torch threads (default this process's)
     resnet_steps:int=300, # Optimizer steps of the resnet18-shaped run
+    warm:bool=False, # Time each fused run again with the inductor cache its first run left (a later run of the same job)
     log:bool=False, # Print each row as it is measured
 ) -> pd.DataFrame:
     "Wall time, compile included (each run a fresh process with an empty inductor cache): digits `fit_one_cycle(5)` with Adam, and `resnet_steps` Adam steps on resnet18's shapes"
@@ -202,14 +212,16 @@ def end_to_end(
     with tempfile.TemporaryDirectory() as tmp:
         for i,(what,mode) in enumerate(runs):
             env = {**os.environ, 'TORCHINDUCTOR_CACHE_DIR': str(Path(tmp)/str(i))}
-            out = subprocess.run([sys.executable, '-c', _e2e_script, what, mode, str(threads or torch.get_num_threads())],
-                                 env=env, capture_output=True, text=True, check=True)
-            res = json.loads(out.stdout.strip().splitlines()[-1])
-            run = 'digits fit_one_cycle(5)' if what == 'digits' else f'resnet18 shapes, {what} steps'
-            rows.append(dict(run=run, fused=mode, seconds=res['seconds']))
-            if log: print(f"{run}, fused={mode}: {res['seconds']:.1f} s", flush=True)
+            for cache in ('cold', 'warm') if warm and mode != 'False' else ('cold',):
+                out = subprocess.run([sys.executable, '-c', _e2e_script, what, mode, str(threads or torch.get_num_threads())],
+                                     env=env, capture_output=True, text=True, check=True)
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                run = 'digits fit_one_cycle(5)' if what == 'digits' else f'resnet18 shapes, {what} steps'
+                rows.append(dict(run=run, fused=mode, cache=cache, seconds=res['seconds']))
+                if log: print(f"{run}, fused={mode}, {cache} cache: {res['seconds']:.1f} s", flush=True)
     df = pd.DataFrame(rows)
-    df['vs_eager'] = df.seconds / df.groupby('run').seconds.transform('first')
+    eager = df[df.fused == 'False'].set_index('run').seconds
+    df['vs_eager'] = df.seconds / df.run.map(eager)
     return df
 
 # %% ../nbs/95_bench.ipynb #b902233f

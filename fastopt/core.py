@@ -454,12 +454,11 @@ class Optimizer(fastai.optimizer.Optimizer):
             return self._seen.update(map(id, live))
         flat = self._flat.get(group)
         if flat is not None and not flat.valid(self): flat = None              # a parameter or its state moved: lay out again
-        covered = flat.ids if flat is not None else set()
-        eager = [p for p in live if id(p) not in covered]                      # first steps, and what no layout holds
+        if flat is None or any(id(p) in self._seen and id(p) not in flat.ids and id(p) not in flat.unfit for p in live):
+            flat = self._flat[group] = _GroupLayouts(self, [p for p in params if id(p) in self._seen])
+        eager = [p for p in live if id(p) not in flat.ids]                     # first steps, and what no layout holds
         if eager: self._run(group_step, eager, hyper)
         self._seen.update(map(id, eager))
-        if flat is None or any(id(p) in self._seen and id(p) not in flat.ids and id(p) not in flat.unfit for p in eager):
-            flat = self._flat[group] = _GroupLayouts(self, [p for p in params if id(p) in self._seen])
         skip = set(map(id, eager))
         for key,b in flat.buckets.items(): self._run_flat((group,) + key, b, hyper, skip)
 
@@ -569,6 +568,10 @@ momentum_stats = [partial(average_grad, dampening=True), step_count]
 adam_stats = [partial(average_grad, dampening=True), average_sqr_grad, step_count]
 
 # %% ../nbs/00_core.ipynb #74101171
+def _scalar_for(c, x:Tensor):
+    "`c` as a 0-d scalar acts on `x` in eager arithmetic: a per-block column of the flat path (from float64 step counts) cast to `x`'s dtype, anything else as it is"
+    return c.to(x.dtype) if isinstance(c, Tensor) and c.ndim == 2 and c.shape[1] == 1 and c.dtype != x.dtype else c
+
 def debiased_step(
     p:Tensor, # The parameter
     lr, # η: a number, or a tensor that broadcasts against `p` (a rate per channel)
@@ -578,7 +581,7 @@ def debiased_step(
     denom=1., # The denominator: a number or a tensor that broadcasts against `p`
 ):
     "Move `p` by `lr` times the bias-corrected `grad_avg` over `denom`: p ← p - η·m̂_t/denom; return the change"
-    update = (grad_avg / denom).mul_(lr / bias_correction(mom, step))
+    update = (grad_avg / _scalar_for(denom, grad_avg)).mul_(_scalar_for(lr / bias_correction(mom, step), grad_avg))
     p.data.sub_(update)
     return update
 
@@ -590,7 +593,7 @@ def adam_denom(
     eps, # ε
 ) -> Tensor:
     "Adam's denominator √v̂_t + ε, with v̂_t = v_t / (1 - β2^t)"
-    return (sqr_avg / bias_correction(sqr_mom, step)).sqrt_().add_(eps)
+    return (sqr_avg / _scalar_for(bias_correction(sqr_mom, step), sqr_avg)).sqrt_().add_(eps)
 
 def rms(x:Tensor, layout=None) -> Tensor:
     "Root mean square of all of `x` (each tensor's, on a flat `layout`)"

@@ -161,3 +161,25 @@ def test_one_graph_serves_models_of_any_size():
     opt = steps([(7, 9), (2,), (1000,), (3, 3, 3)])
     assert opt.fused and counters['inductor']['fxgraph_cache_miss'] == 0, dict(counters['inductor'])
     assert first >= 1
+
+def test_dtensor_parameters_step_fused_on_their_shards():
+    "FSDP2's DTensor parameters are never re-pointed (FSDP owns their storage): they step fused on flat copies of their shards (`_ShardBucket`), as with fused=False (tests/test_fsdp.py: 2 ranks, uneven shards)"
+    import socket, torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=0, world_size=1)
+    try:
+        def go(fused):
+            torch.manual_seed(0)
+            m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+            fully_shard(m)
+            opt = fastopt.Adam(list(m.parameters()), lr=1e-2, fused=fused)
+            g = torch.Generator().manual_seed(1)
+            for _ in range(3):
+                m(torch.randn(4, 8, generator=g)).sum().backward(); opt.step(); opt.zero_grad()
+            return [p.full_tensor() for p in m.parameters()], opt
+        fused, opt = go(True)
+        eager, _ = go(False)
+        assert opt.fused and [type(b).__name__ for b in opt._flat[0].buckets.values()] == ['_ShardBucket'] and not opt._flat[0].unfit
+        for p,q in zip(fused, eager): torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    finally: dist.destroy_process_group()

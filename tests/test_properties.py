@@ -373,8 +373,11 @@ def test_fused_equals_eager(case):
     "The compiled group step gives the eager step's parameters for random builders, hypers, shapes and dtypes"
     fused, opt = run(case, True, 5)
     assert opt.fused, 'the fused path fell back to eager, which would make this comparison vacuous'
-    # 0-d parameters step eagerly even when fused (torch 2.13 loses in-place updates of 0-d float64 graph inputs)
-    assert opt._fns or all(len(s) == 0 for pg in case.groups for s,_,_ in pg), 'nothing was compiled'
+    # 0-d and empty parameters step eagerly even when fused, and so, for optimizers with per-channel reductions, do
+    # tensors whose rows are not whole 64-element blocks
+    per_channel = any(getattr(cb, 'per_channel', None) or getattr(getattr(cb, 'func', None), 'per_channel', None) for cb in opt.cbs)
+    flat = [p for pg in opt.param_lists for p in pg if p.ndim > 0 and p.numel() > 0 and (not per_channel or fastopt.flat.channel_aligned(p))]
+    assert opt._fns or not flat, 'nothing was compiled'
     eager, _ = run(case, False, 5)
     assert_all_close(fused, eager, case.dtype)
 
