@@ -9,13 +9,15 @@ BatchNorm normalizes over each rank's rows, so a run over 4 ranks computes a dif
 each is compared with the one process accumulating the same number of pieces.
 
 One 2-rank spawn runs all the 2-rank cases (its startup costs more than they do), one 4-rank spawn the resharded load:
-- `exact`: all 18 optimizers eager, and Lamb, BAdam and StableAdam with `fused=True` (DTensor parameters step
-  eagerly then too), N_STEPS steps: the parameters after every step equal the one process within `TOL` on both
+- `exact`: all 18 optimizers eager, and Lamb, UM and StableAdam with `fused=True` (Lamb and UM compiled on flat
+  copies of each rank's shards, one `_ShardBucket` per group; StableAdam's per-channel stats keep it eager), N_STEPS steps: the parameters after every step equal the one process within `TOL` on both
   ranks; every state tensor with a value per element or per output channel is sharded (Shard(0)), anything else is a
   0-d scalar, and the ranks' shares add up to the one process's state; no operation in an extra step makes a tensor
   larger than the largest local parameter shard (nothing gathered to full size); the collectives of every step of
   every group, counted by `step_collectives` (CommDebugMode), are `expected_collectives`: no all-gather, and one
-  all-reduce per tensor per reduction helper call.
+  all-reduce per tensor per reduction helper call; a compiled step (counted in its graph, as CommDebugMode cannot run
+  under torch.compile) has one all-reduce per helper call for the whole group. The compiled cases skip the
+  largest-temporary check (a dispatch mode would break the compiled call); their flat buffers hold one group's local shards.
 - `ckpt`: after 2 steps, `sharded_state_dict` is saved with `torch.distributed.checkpoint`; a fresh model and
   optimizer load it and continue bit-identically to the uninterrupted run. One process (no process group) and 4 ranks
   load the same checkpoint and continue within `RESHARD_TOL` of the one-process reference.
