@@ -52,6 +52,7 @@ RESHARD_TOL = dict(rtol=1e-12, atol=1e-14)
 # fused=True: DTensor parameters step on flat copies of each rank's shards (one compiled graph per group, its
 # all-reduces counted in the graph), except for per-channel optimizers, whose DTensor parameters step eagerly
 FUSED = ['Lamb', 'UM', 'StableAdam']
+if os.environ.get('FASTOPT_FSDP_ALL_FUSED'): FUSED = NAMES   # all 18 fused: ~15 compiles per rank, too slow for every run
 PER_CHANNEL = {'AdamGC', 'StableAdam', 'AdamAWD'}
 CASES = NAMES + [f'{n}-fused' for n in FUSED]
 CKPT_NAMES = ['Lamb', 'StableAdam', 'BAdam']   # per-tensor norms, per-channel state (init_rms), previous-step state
@@ -293,7 +294,7 @@ def test_fsdp_collectives(two, case):
         for r, res in enumerate(two['exact']):
             assert res[case]['still_fused'] is True, f"{case} rank {r} fell back to eager"
             assert res[case]['buckets'] == {0: ['_ShardBucket'], 1: ['_ShardBucket']}, f"{case} rank {r}: {res[case]['buckets']}"
-            assert res[case]['graphs'] and all(n == HELPER_CALLS[name] for n in res[case]['graphs']), f"{case} rank {r}: all-reduces per graph {res[case]['graphs']}"
+            assert res[case]['graphs'] and all(n == HELPER_CALLS.get(name, 0) for n in res[case]['graphs']), f"{case} rank {r}: all-reduces per graph {res[case]['graphs']}"
         return
     for r, res in enumerate(two['exact']):
         for t, counts in enumerate(res[case]['counts']):
