@@ -19,9 +19,9 @@ import fastai.optimizer
 from fastai.optimizer import weight_decay, l2_reg, average_grad, average_sqr_grad, _update
 
 # %% auto #0
-__all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'momentum_stats', 'adam_stats', 'real', 'check_hyper', 'softplus',
-           'group_step', 'compiled_group_step', 'Optimizer', 'step_count', 'bias_correction', 'weight_decay_cb',
-           'debiased_step', 'adam_denom', 'rms']
+__all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'momentum_stats', 'adam_stats', 'real', 'check_hyper', 'check_bool',
+           'softplus', 'group_step', 'compiled_group_step', 'Optimizer', 'step_count', 'bias_correction',
+           'weight_decay_cb', 'debiased_step', 'adam_denom', 'rms']
 
 # %% ../nbs/00_core.ipynb #a30455de
 def real(v) -> float:
@@ -54,6 +54,17 @@ def check_hyper(
     if not ok(value): raise ValueError(f"Invalid {name}: {value!r} (expected {expected})")
     return value
 
+# %% ../nbs/00_core.ipynb #a35e2bc0
+def check_bool(
+    name:str, # The option's name, such as `'decouple_wd'`
+    value, # Its value
+    also:tuple=(), # Other accepted values besides True and False
+):
+    "Return `value` if it is True, False or one of `also`; otherwise raise a `ValueError` naming `name` and `value`"
+    if isinstance(value, bool) or any(value is a or (type(value) is type(a) and value == a) for a in also): return value
+    names = ['True', 'False', *map(repr, also)]
+    raise ValueError(f"Invalid {name}: {value!r} (expected {', '.join(names[:-1])} or {names[-1]})")
+
 # %% ../nbs/00_core.ipynb #083d6418
 static_hypers = {'wd', 'beta'}
 
@@ -83,6 +94,7 @@ def _check_params(params:L):
     if sum(len(g) for g in groups) == 0: raise ValueError("optimizer got an empty parameter list")
     for p in (p for g in groups for p in g):
         if not isinstance(p, Tensor): raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {type(p).__name__}")
+        if not p.is_leaf: raise ValueError(f"can't optimize a non-leaf Tensor (a parameter of shape {tuple(p.shape)} is the result of an operation; pass the leaf it was computed from)")
         if p.is_complex(): raise ValueError(f"complex parameters are not supported (got a {p.dtype} parameter of shape {tuple(p.shape)})")
         if id(p) in seen: raise ValueError(f"a parameter of shape {tuple(p.shape)} appears more than once; each parameter must be in exactly one group, once")
         seen.add(id(p))
@@ -181,7 +193,7 @@ class Optimizer(fastai.optimizer.Optimizer):
         self.hyper_rules = merge(hyper_rules, *[_cb_attr(cb, 'hyper_rules') for cb in cbs])
         self.hyper_names = set().union(*map(_cb_names, cbs)) | {'lr', 'mom'}   # fastai's schedulers set both on any optimizer
         super().__init__(params, cbs, **defaults)
-        self.fused,self._fns,self._hyper_tensors,self._seen = bool(fused),{},{},set()
+        self.fused,self._fns,self._hyper_tensors,self._seen = check_bool('fused', fused),{},{},set()
 
     fused_backend = 'inductor' # The `torch.compile` backend of the fused path
     inductor_options = dict(realize_opcount_threshold=0) # Compute each scalar once, not in every vector iteration
@@ -329,7 +341,7 @@ def weight_decay_cb(
     decouple_wd:bool # True: decoupled weight decay (`weight_decay`); False: L2 regularization (`l2_reg`)
 ) -> Callable:
     "fastai's weight-decay callback for the chosen mode"
-    return weight_decay if decouple_wd else l2_reg
+    return weight_decay if check_bool('decouple_wd', decouple_wd) else l2_reg
 
 # %% ../nbs/00_core.ipynb #ec4e6c4a
 momentum_stats = [partial(average_grad, dampening=True), step_count]

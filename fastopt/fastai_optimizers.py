@@ -91,5 +91,5 @@ def Larc(
     fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "LARC (`clip=True`) or LARS: fastai's `Larc`"
-    cbs = [weight_decay_cb(decouple_wd)] + ([] if real(mom) == 0 else [average_grad]) + [partial(larc_layer_lr, clip=clip), larc_step]
+    cbs = [weight_decay_cb(decouple_wd)] + ([] if real(mom) == 0 else [average_grad]) + [partial(larc_layer_lr, clip=check_bool('clip', clip)), larc_step]
     return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, trust_coeff=trust_coeff, eps=eps, wd=wd)

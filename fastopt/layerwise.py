@@ -51,6 +51,7 @@ def Lamb(
     fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "LAMB: fastai's `Lamb` by default, the paper's form with `trust_wd=True`"
+    check_bool('trust_wd', trust_wd), check_bool('decouple_wd', decouple_wd)
     if trust_wd and not decouple_wd:
         raise ValueError("Invalid decouple_wd: False with trust_wd=True (the decay is inside the trust ratio, so L2 regularization cannot also apply)")
     cbs = [] if trust_wd else [weight_decay_cb(decouple_wd)]

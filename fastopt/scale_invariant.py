@@ -107,8 +107,9 @@ def AdamAWD(
     sqr_mom:float=0.99, # β2, the squared-gradient average coefficient
     eps:float=1e-8, # ε, added to the denominator
     scale_invariant:Callable=is_conv_weight, # Predicate choosing Θ, such as `feeds_batchnorm(model)`
+    wd:float=0., # λ, decoupled weight decay of the weights outside Θ (the rescaling undoes it on Θ)
     fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
 ) -> Optimizer:
     "AdamAWD: Adam, then scale-invariant weights rescaled per output channel to their initial RMS"
-    cbs = [partial(record_init_rms, predicate=scale_invariant), *adam_stats, adam_step, restore_init_rms]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps)
+    cbs = [partial(record_init_rms, predicate=scale_invariant), weight_decay_cb(True), *adam_stats, adam_step, restore_init_rms]
+    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
