@@ -21,7 +21,7 @@ from fastai.optimizer import weight_decay, l2_reg, average_grad, average_sqr_gra
 # %% auto #0
 __all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'momentum_stats', 'adam_stats', 'real', 'check_hyper', 'check_bool',
            'softplus', 'group_step', 'compiled_group_step', 'Optimizer', 'step_count', 'bias_correction',
-           'weight_decay_cb', 'debiased_step', 'adam_denom', 'rms']
+           'weight_decay_cb', 'debiased_step', 'adam_denom', 'rms', 'add_param_docs']
 
 # %% ../nbs/00_core.ipynb #a30455de
 def real(v) -> float:
@@ -374,3 +374,21 @@ def adam_denom(
 def rms(x:Tensor) -> Tensor:
     "Root mean square of all of `x`"
     return x.square().mean().sqrt()
+
+# %% ../nbs/00_core.ipynb #342ff638
+def add_param_docs(
+    f:Callable, # A function whose arguments carry docments (`arg, # what it is`)
+) -> Callable:
+    "Append `f`'s parameter documentation to its `__doc__`, once, so `help(f)` and IDEs show it; return `f`"
+    from fastcore.docments import docments
+    if getattr(f, '__param_docs__', False): return f
+    try: docs = docments(f, full=True)
+    except Exception: return f
+    rows = [(k, d) for k,d in docs.items() if k != 'return' and d.get('docment')]
+    if not rows: return f
+    def line(k, d):
+        dflt = '' if d['default'] is inspect.Parameter.empty else f" (default: {d['default']!r})"
+        return f"    {k}{dflt}: {d['docment']}"
+    f.__doc__ = '\n'.join([(f.__doc__ or '').strip(), '', 'Parameters:', *(line(k, d) for k,d in rows)])
+    f.__param_docs__ = True
+    return f
