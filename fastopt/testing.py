@@ -294,13 +294,13 @@ def kit_learner(opt_func, path, cbs=(), dtype=torch.float32):
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     from fastai.learner import Learner
+    import fastai.callback.schedule, fastai.callback.progress   # fit_one_cycle, lr_find, no_bar
     X, y = _kit_data(dtype=dtype)
     dls = DataLoaders(DataLoader(TensorDataset(X, y), bs=16, shuffle=False), DataLoader(TensorDataset(X[:16], y[:16]), bs=16), device='cpu')
     return Learner(dls, _kit_model(dtype), loss_func=nn.MSELoss(), opt_func=opt_func, path=path, cbs=list(cbs))
 
 def check_resume_learner(s:_Session) -> str:
     "`Learner.save(with_opt=True)` after one epoch of `fit_one_cycle`, loaded into a fresh Learner, continues as the uninterrupted fit, bit for bit"
-    import fastai.callback.schedule
     from fastai.callback.core import Callback, CancelFitException
     class _StopAfterFirstEpoch(Callback):
         def after_epoch(self): raise CancelFitException
