@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 import fastopt
-from fastopt.cli import optimizers
+from helpers import SEED_OPTIMIZERS as optimizers
 
 WITH_WD = [n for n in optimizers if n != 'AdamAWD']
 CASES = [(n, dict(decouple_wd=d, wd=0.1)) for n in WITH_WD for d in (True, False)] + [('AdamAWD', {})]

@@ -103,13 +103,13 @@ def test_schedule_free_refuses_to_step_in_eval_mode():
 # ---------------------------------------------------------------- Muon on a whole model
 
 def test_muon_on_a_whole_model_trains(tmp_path):
-    "Muon for the hidden Linear weights, AdamW for the head and the biases, in one opt_func; the loss goes down"
+    "Muon for the hidden Linear weight, AdamW for the conv, the batch norm, the head and the biases, in one opt_func; the loss goes down"
     learn = kit_learner(fastopt.Muon, tmp_path)
     learn.opt_func = partial(fastopt.Muon, muon_params=hidden_matrices(learn.model), adjust_lr='match_rms_adamw', wd=0.01)
     with learn.no_bar(), learn.no_logging(): learn.fit(3, 1e-2)
     losses = [v[0] for v in learn.recorder.values]
     use = [learn.opt.state[p]['use_muon'] for p in learn.model.parameters()]
-    assert use == [True, False, True, False, False, False], use    # two hidden weights; head and biases by AdamW
+    assert use == [False, False, False, False, True, False, False, False], use   # conv, bn, head and biases by AdamW
     assert losses[-1] < losses[0], losses
 
 def test_newton_schulz_orthogonalizes_tall_and_wide():
