@@ -217,7 +217,12 @@ def muon_step(p, lr, mom, sqr_mom, eps, wd, use_muon, nesterov=True, ns_steps=5,
     if grad_avg is None: grad_avg = torch.zeros_like(p)
     grad_avg.lerp_(p.grad, 1 - mom)
     update = p.grad.lerp(grad_avg, mom) if nesterov else grad_avg
-    p.data.add_(newton_schulz(update, ns_steps, ns_eps, ns_dtype), alpha=-lr * muon_lr_ratio(p.shape, adjust_lr))
+    sharded = hasattr(p.data, 'placements')   # FSDP2: orthogonalize the whole matrix, as one process would, then keep p's shard
+    O = newton_schulz(update.full_tensor() if sharded else update, ns_steps, ns_eps, ns_dtype)
+    if sharded:
+        from torch.distributed.tensor import DTensor, Replicate
+        O = DTensor.from_local(O, p.data.device_mesh, [Replicate()]).redistribute(p.data.device_mesh, p.data.placements)
+    p.data.add_(O, alpha=-lr * muon_lr_ratio(p.shape, adjust_lr))
     return {'grad_avg': grad_avg}
 
 # %% ../nbs/09_modern.ipynb #6183d2ed

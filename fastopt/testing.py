@@ -14,8 +14,8 @@ from torch import nn, Tensor
 __all__ = ['KIT_ROLES', 'NO_WD', 'DDP_WORLD', 'OptimizerCheckFailed', 'kit_params', 'kit_grads', 'check_hypers_validated',
            'check_bool_options', 'check_fused_equals_eager', 'check_no_recompiles', 'check_resume_state_dict',
            'check_copies', 'check_zero_grads', 'check_nan_contained', 'check_untouched_without_grad',
-           'check_state_kept', 'kit_learner', 'check_resume_learner', 'check_reference', 'ddp_equality', 'check_ddp',
-           'check_fsdp', 'Check', 'optimizer_checks', 'CheckReport', 'check_optimizer']
+           'check_state_kept', 'kit_learner', 'check_resume_learner', 'check_reference', 'distributed_equality',
+           'ddp_equality', 'check_ddp', 'check_fsdp', 'Check', 'optimizer_checks', 'CheckReport', 'check_optimizer']
 
 # %% ../nbs/10_testing.ipynb #ec4c1923
 class OptimizerCheckFailed(AssertionError):
@@ -64,11 +64,12 @@ def _flat(params:list) -> list: return [p for pg in params for p in pg]
 
 # %% ../nbs/10_testing.ipynb #be7702c7
 def _where(params:list, i:int) -> str:
-    "'parameter 4 (group 1, shape (4,))'"
+    "'parameter 4 (group 1, shape (4,), zero)': the role is named for the kit's own parameters"
+    roles = [tuple(p.shape) for p in _flat(params)] == [tuple(p.shape) for p in _flat(kit_params())]
     j = 0
     for gi,pg in enumerate(params):
         for p in pg:
-            if j == i: return f"parameter {i} (group {gi}, shape {tuple(p.shape)}{', ' + KIT_ROLES[i] if i < len(KIT_ROLES) else ''})"
+            if j == i: return f"parameter {i} (group {gi}, shape {tuple(p.shape)}{', ' + KIT_ROLES[i] if roles else ''})"
             j += 1
     return f"parameter {i}"
 
@@ -390,15 +391,24 @@ DDP_WORLD = 2
 
 # %% ../nbs/10_testing.ipynb #89619aa9
 def _ddp_train(opt_func, lr, steps, mode, rank=0, dtype=torch.float64):
-    "Parameters after `steps` steps on the kit's data: as rank `rank` of a DDP job ('ddp'), or one process averaging the ranks' half-batch gradients ('split')"
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    """Parameters after `steps` steps on the kit's data: as rank `rank` of a DDP job ('ddp') or of an FSDP2 job ('fsdp', every
+    Linear and the whole model `fully_shard`ed, so parameters are DTensors sharded on dim 0), or one process averaging the
+    ranks' half-batch gradients ('split')"""
     model = _kit_model(dtype)
-    net = DDP(model) if mode == 'ddp' else model
+    net = model
+    if mode == 'ddp':
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model)
+    elif mode == 'fsdp':
+        from torch.distributed.fsdp import fully_shard
+        for m in model:
+            if isinstance(m, nn.Linear): fully_shard(m)
+        fully_shard(model)
     opt = opt_func(list(model.parameters()), lr=lr)
     X, y = _kit_data(dtype=dtype)
     for t in range(steps):
         xb, yb = X[16 * t:16 * (t + 1)], y[16 * t:16 * (t + 1)]
-        if mode == 'ddp':
+        if mode != 'split':
             nn.functional.mse_loss(net(xb[rank::DDP_WORLD]), yb[rank::DDP_WORLD]).backward()
         else:
             halves = []
@@ -409,62 +419,69 @@ def _ddp_train(opt_func, lr, steps, mode, rank=0, dtype=torch.float64):
             for i,p in enumerate(model.parameters()): p.grad = sum(h[i] / DDP_WORLD for h in halves)
         opt.step()
         opt.zero_grad()
-    return [p.detach().clone() for p in model.parameters()]
+    full = lambda p: p.full_tensor() if hasattr(p, 'full_tensor') else p
+    return [full(p.detach()).clone() for p in model.parameters()]
 
 # %% ../nbs/10_testing.ipynb #86185801
 def _ddp_worker(rank, init_method, out_dir, cases, lr, steps):
-    "One gloo rank: run every case, save its parameters (or its traceback)"
+    "One gloo rank: run every case (name: (builder, 'ddp' or 'fsdp')), save its parameters (or its traceback)"
     import torch.distributed as dist
     from datetime import timedelta
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=init_method, rank=rank, world_size=DDP_WORLD, timeout=timedelta(seconds=120))
     try:
-        for name,opt_func in cases.items():
-            try: res = dict(params=_ddp_train(opt_func, lr, steps, 'ddp', rank))
+        for name,(opt_func,mode) in cases.items():
+            try: res = dict(params=_ddp_train(opt_func, lr, steps, mode, rank))
             except Exception: res = dict(error=traceback.format_exc())
             torch.save(res, os.path.join(out_dir, f"{name}-rank{rank}.pt"))
     finally: dist.destroy_process_group()
 
 # %% ../nbs/10_testing.ipynb #a5ed6bf0
-def ddp_equality(
-    opt_funcs:dict, # Names and builders (picklable: importable functions or partials of them), all run in one spawn
+def distributed_equality(
+    cases:dict, # {name: (builder, 'ddp' or 'fsdp')}; builders picklable (importable functions or partials of them); all run in one spawn
     lr:float=1e-2, # Learning rate
     steps:int=4, # Steps per case
     timeout:float=300, # Seconds for the whole spawn
 ) -> dict:
-    "Step each builder under 2-process gloo DDP and in one process averaging the half-batch gradients; {name: None, or what went wrong}"
+    "Step each case under 2-process gloo DDP or FSDP2 and in one process averaging the half-batch gradients; {name: None, or what went wrong}"
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_ddp_worker, args=(f"file://{tmp}/store", tmp, dict(opt_funcs), lr, steps), nprocs=DDP_WORLD, join=False, start_method='spawn')
+        ctx = mp.start_processes(_ddp_worker, args=(f"file://{tmp}/store", tmp, dict(cases), lr, steps), nprocs=DDP_WORLD, join=False, start_method='spawn')
         deadline = time.monotonic() + timeout
         while not ctx.join(timeout=2):
             if time.monotonic() > deadline:
                 for p in ctx.processes:
                     if p.is_alive(): p.terminate()
-                return {n: f"the DDP ranks did not finish within {timeout} s" for n in opt_funcs}
-        runs = {n: [torch.load(os.path.join(tmp, f"{n}-rank{r}.pt"), weights_only=False) for r in range(DDP_WORLD)] for n in opt_funcs}
+                return {n: f"the ranks did not finish within {timeout} s" for n in cases}
+        runs = {n: [torch.load(os.path.join(tmp, f"{n}-rank{r}.pt"), weights_only=False) for r in range(DDP_WORLD)] for n in cases}
     res = {}
     for n,ranks in runs.items():
         errs = [r.get('error') for r in ranks if 'error' in r]
-        if errs: res[n] = f"a rank raised:\n{errs[0]}"; continue
+        mode = cases[n][1].upper().replace('FSDP', 'FSDP2')
+        if errs: res[n] = f"a rank raised under {mode}:\n{errs[0]}"; continue
         a, b = ranks[0]['params'], ranks[1]['params']
-        ref = _ddp_train(opt_funcs[n], lr, steps, 'split')
-        res[n] = (_diff(a, b, [a], what='differs between the two DDP ranks')
-                  or _diff(a, ref, [a], 1e-10, 1e-12, 'differs under DDP from one process averaging the half-batch gradients'))
+        ref = _ddp_train(cases[n][0], lr, steps, 'split')
+        res[n] = (_diff(a, b, [a], what=f'differs between the two {mode} ranks')
+                  or _diff(a, ref, [a], 1e-10, 1e-12, f'differs under {mode} from one process averaging the half-batch gradients'))
     return res
+
+def ddp_equality(opt_funcs:dict, lr:float=1e-2, steps:int=4, timeout:float=300) -> dict:
+    "`distributed_equality` under DDP for each of `opt_funcs` ({name: builder})"
+    return distributed_equality({n: (f, 'ddp') for n,f in opt_funcs.items()}, lr, steps, timeout)
 
 # %% ../nbs/10_testing.ipynb #922cfbfb
 def check_ddp(s:_Session) -> str:
     "Under 2-process gloo DDP the ranks stay bit-identical and equal one process that averages their gradients"
     err = ddp_equality({s.name: partial(s.opt_func, **s.options)}, s.lr)[s.name]
     if err: s.fail('ddp', err)
-    return f"2 gloo ranks bit-identical and equal to one process, {4} steps"
+    return "2 gloo DDP ranks bit-identical and equal to one process, 4 steps"
 
 # %% ../nbs/10_testing.ipynb #9f80a784
 def check_fsdp(s:_Session) -> str:
-    "FSDP2 equality (not implemented in this kit yet)"
-    raise NotImplementedError("fastopt.testing: the FSDP2 equality check is not implemented yet (per-tensor norms such as LAMB's trust ratio "
-                              "need a cross-shard reduction under FSDP2, see fastopt.sharding). Pass fsdp=False, or check FSDP2 with your own test")
+    "Under 2-process gloo FSDP2 (parameters sharded on dim 0) the gathered parameters of both ranks are bit-identical and equal one process that averages the gradients"
+    err = distributed_equality({s.name: (partial(s.opt_func, **s.options), 'fsdp')}, s.lr)[s.name]
+    if err: s.fail('fsdp', err)
+    return "2 gloo FSDP2 ranks bit-identical and equal to one process, 4 steps"
 
 # %% ../nbs/10_testing.ipynb #c265953a
 class Check:
@@ -492,7 +509,7 @@ def optimizer_checks(
     reference_atol:float=1e-12, # Absolute tolerance against the reference
     reference_eval:bool=True, # Also compare after `eval()` where both optimizers have one (Schedule-Free)
     ddp:bool=False, # Include DDP equality (spawns 2 gloo processes; `opt_func` must be picklable)
-    fsdp:bool=False, # Include FSDP2 equality (not implemented yet: raises NotImplementedError)
+    fsdp:bool=False, # Include FSDP2 equality (spawns 2 gloo processes; `opt_func` must be picklable)
     **options # Passed to `opt_func`, such as `wd=0.1`
 ) -> list:
     "The checks `check_optimizer` runs, as a list of named `Check`s sharing their runs: parametrize a test over them"

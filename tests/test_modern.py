@@ -1,6 +1,6 @@
 """Lion, ADOPT, Schedule-Free AdamW and Muon against their reference implementations (installed by the dev extra):
 parity within rtol 1e-6 over 20 float64 steps of random gradients at the reference's defaults (and a second setting
-with weight decay), through the kit's `reference` check; all four under 2-process gloo DDP in one spawn; the
+with weight decay), through the kit's `reference` check; all four under 2-process gloo DDP and FSDP2 in one spawn; the
 Schedule-Free callback in a Learner; Muon on a whole model."""
 import copy, math
 from functools import partial
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 import fastopt
 from fastopt.modern import ScheduleFreeCallback, ScheduleFreeOptimizer, hidden_matrices, newton_schulz
-from fastopt.testing import optimizer_checks, ddp_equality, kit_learner
+from fastopt.testing import optimizer_checks, distributed_equality, kit_learner
 
 lion_pytorch = pytest.importorskip('lion_pytorch')
 pytorch_optimizer = pytest.importorskip('pytorch_optimizer')
@@ -57,13 +57,13 @@ def test_torch_default_muon_refuses_what_ours_routes_to_adam():
     opt.step()
     assert [opt.state[p]['use_muon'] for p in opt.param_lists[0]] == [False, True]
 
-# ---------------------------------------------------------------- DDP: all four in one spawn
+# ---------------------------------------------------------------- DDP and FSDP2: all four, one spawn
 
-def test_modern_optimizers_under_ddp():
-    "Both gloo ranks bit-identical, and equal to one process averaging the half-batch gradients (rtol 1e-10)"
-    cases = dict(Lion=partial(fastopt.Lion, wd=0.1), ADOPT=fastopt.ADOPT, ScheduleFreeAdamW=fastopt.ScheduleFreeAdamW,
-                 Muon=fastopt.Muon)
-    res = ddp_equality(cases, lr=1e-2)
+def test_modern_optimizers_under_ddp_and_fsdp2():
+    "Both gloo ranks bit-identical, and equal to one process averaging the half-batch gradients (rtol 1e-10), under DDP and FSDP2"
+    builders = dict(Lion=partial(fastopt.Lion, wd=0.1), ADOPT=fastopt.ADOPT, ScheduleFreeAdamW=fastopt.ScheduleFreeAdamW, Muon=fastopt.Muon)
+    cases = {f'{n}-{mode}': (f, mode) for n,f in builders.items() for mode in ('ddp', 'fsdp')}
+    res = distributed_equality(cases, lr=1e-2)
     assert res == {n: None for n in cases}, res
 
 # ---------------------------------------------------------------- Schedule-Free in a Learner
