@@ -113,3 +113,11 @@ def test_load_state_dict_checks_shape_first():
     with pytest.raises(ValueError, match='2 parameter groups, this optimizer has 1'): a.load_state_dict(b.state_dict())
     c = fastopt.Adam(params(), lr=1e-3)
     with pytest.raises(ValueError, match='state for 1 parameters, this optimizer has 2'): a.load_state_dict(c.state_dict())
+
+def test_learner_wd_with_adamawd(tmp_path):
+    "`Learner(..., wd=0.01, opt_func=fastopt.AdamAWD)` trains: the Learner's wd reaches the optimizer's hypers"
+    from fastopt.testing import kit_learner
+    learn = kit_learner(fastopt.AdamAWD, tmp_path)
+    learn.wd = 0.01
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert all(h['wd'] == 0.01 for h in learn.opt.hypers)
