@@ -58,3 +58,9 @@ def assert_params_close(a, b, rtol=1e-12, atol=1e-12):
 
 # Digits settings for fastai's four namesakes in fastopt (the fourteen algorithms' are `fastopt.digits.digits_hypers`)
 NAMESAKE_HYPERS = dict(SGD=dict(lr=0.1, mom=0.9), RMSProp=dict(lr=1e-3), QHAdam=dict(lr=1e-2), Larc=dict(lr=1.))
+
+# The optimizers of `fastopt compare` that the tests below were written for: the fourteen seed algorithms. The four
+# modern ones (registered after them) are tested by test_modern.py, test_learner.py and the kit (test_testing.py).
+from fastopt.cli import optimizers as _registry
+MODERN = ('Lion', 'ADOPT', 'ScheduleFreeAdamW', 'Muon')
+SEED_OPTIMIZERS = {n: f for n,f in _registry.items() if n not in MODERN}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 import fastopt
-from fastopt.cli import optimizers
+from helpers import SEED_OPTIMIZERS as optimizers
 
 # Every optimizer with its defaults (the graphs test_hostile and test_resume compile too, so inductor's cache serves them
 # there), and weight decay in both modes where it matters: fastai's two callbacks, Lamb's own, and the ForEach trap below

@@ -13,7 +13,7 @@ from functools import partial
 import pytest
 import torch
 import fastopt
-from fastopt.cli import optimizers
+from helpers import SEED_OPTIMIZERS as optimizers
 
 FASTAI_NAMESAKES = dict(SGD=dict(mom=0.9), RMSProp={}, QHAdam={}, Larc={})
 ALL = {**{n: {} for n in optimizers}, **FASTAI_NAMESAKES}

@@ -30,8 +30,9 @@ def test_trains_digits(name):
     with learn.no_bar(): _, acc = learn.validate()
     assert acc >= (0.90 if name in FASTAI_NAMESAKES else 0.85), f"{name}: held-out accuracy {acc:.3f}"
 
-def test_compare_knows_all_fourteen():
-    assert len(optimizers) == 14 and set(optimizers) == set(digits_hypers)
+def test_compare_knows_every_optimizer():
+    "The fourteen seed algorithms and Lion, ADOPT, ScheduleFreeAdamW and Muon, each with its digits settings"
+    assert len(optimizers) == 18 and set(optimizers) == set(digits_hypers)
 
 def test_fit_one_cycle_schedules_mom_and_lr():
     rec = RecordHypers()

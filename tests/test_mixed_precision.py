@@ -10,11 +10,11 @@ from fastcore.foundation import L
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision, AMPMode
 import fastopt
-from fastopt.cli import optimizers
+from helpers import SEED_OPTIMIZERS as optimizers
 from fastopt.digits import digits_learner, digits_hypers
 
 from helpers import NAMESAKE_HYPERS as FASTAI_NAMESAKES
-SETTINGS = {**digits_hypers, **FASTAI_NAMESAKES}
+SETTINGS = {**{n: h for n,h in digits_hypers.items() if n in optimizers}, **FASTAI_NAMESAKES}
 
 class CPUMixedPrecision(MixedPrecision):
     "fastai's `MixedPrecision` with autocast and the gradient scaler on the CPU"

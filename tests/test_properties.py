@@ -44,7 +44,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, example, given, settings, strategies as st
 import fastopt
-from fastopt.cli import optimizers
+from helpers import SEED_OPTIMIZERS as optimizers
 
 pytestmark = pytest.mark.filterwarnings('ignore:overflow encountered:RuntimeWarning')  # np.float32(1e300) is inf
 

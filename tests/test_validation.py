@@ -36,10 +36,31 @@ def test_valid_edges_are_accepted():
     fastopt.AdamGC(params(), lr=1e-3, gc_conv_only=False)
 
 def test_hyper_no_callback_reads_is_refused():
-    "AdamAWD has no weight decay (its rescaling is one): a wd would be silently ignored, so it is an error"
-    opt = fastopt.AdamAWD(params(), lr=1e-3)
-    with pytest.raises(ValueError, match="Invalid hyper: 'wd'"): opt.set_hypers(wd=0.1)
+    "UM has no second moment: a sqr_mom would be silently ignored, so it is an error"
     with pytest.raises(ValueError, match="Invalid hyper: 'sqr_mom'"): fastopt.UM(params(), lr=1e-3).set_hyper('sqr_mom', 0.99)
+
+@pytest.mark.parametrize('name', NAMES + ['Lion', 'ADOPT', 'ScheduleFreeAdamW', 'Muon'])
+def test_every_optimizer_takes_wd(name):
+    "Learner(wd=...) calls set_hypers(wd=...): every optimizer has a wd (AdamAWD's decays the weights it does not rescale)"
+    opt = getattr(fastopt, name)(params(), lr=1e-3)
+    opt.set_hypers(wd=0.01)
+    assert all(h['wd'] == 0.01 for h in opt.hypers)
+
+def test_non_leaf_tensor_is_refused():
+    "As torch.optim: a tensor computed from a parameter cannot be stepped in place"
+    with pytest.raises(ValueError, match="can't optimize a non-leaf Tensor"): fastopt.Adam([params()[0] * 2], lr=1e-3)
+
+BOOL_OPTIONS = [(n, k) for n in NAMES + ['Lion', 'ADOPT', 'ScheduleFreeAdamW', 'Muon']
+                for k,q in inspect.signature(getattr(fastopt, n)).parameters.items() if q.annotation in (bool, 'bool')]
+
+@pytest.mark.parametrize('name,option', BOOL_OPTIONS, ids=[f'{n}-{k}' for n,k in BOOL_OPTIONS])
+@pytest.mark.parametrize('value', ['yes', 'no', 1, None])
+def test_bool_options_refuse_non_bools(name, option, value):
+    "fused='yes' or decouple_wd='no' would be taken as True; every switch refuses anything but True and False, naming the value"
+    with pytest.raises(ValueError, match=re.escape(f"Invalid {option}: {value!r}")): getattr(fastopt, name)(params(), lr=1e-3, **{option: value})
+
+def test_bool_options_are_all_covered():
+    assert {k for _,k in BOOL_OPTIONS} >= {'fused', 'decouple_wd', 'trust_wd', 'clip', 'gc_conv_only', 'nesterov'}
 
 def test_bool_is_not_a_number():
     with pytest.raises(ValueError, match="Invalid wd: True"): fastopt.Adam(params(), lr=1e-3, wd=True)
@@ -92,3 +113,11 @@ def test_load_state_dict_checks_shape_first():
     with pytest.raises(ValueError, match='2 parameter groups, this optimizer has 1'): a.load_state_dict(b.state_dict())
     c = fastopt.Adam(params(), lr=1e-3)
     with pytest.raises(ValueError, match='state for 1 parameters, this optimizer has 2'): a.load_state_dict(c.state_dict())
+
+def test_learner_wd_with_adamawd(tmp_path):
+    "`Learner(..., wd=0.01, opt_func=fastopt.AdamAWD)` trains: the Learner's wd reaches the optimizer's hypers"
+    from fastopt.testing import kit_learner
+    learn = kit_learner(fastopt.AdamAWD, tmp_path)
+    learn.wd = 0.01
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert all(h['wd'] == 0.01 for h in learn.opt.hypers)
