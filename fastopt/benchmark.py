@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import matplotlib.pyplot as plt
+import torch
 from scipy import stats as _stats
 from fastai.callback.core import Callback, CancelFitException
 from .registry import registry, hypers_for, can_fuse
@@ -63,7 +64,7 @@ class RunWatch(Callback):
 
     def after_batch(self):
         if not self.training: return
-        loss = float(self.learn.loss)
+        loss = float(self.learn.loss.detach())
         if not math.isfinite(loss): self.diverged = f'training loss {loss} at step {self.steps}'
         elif self.first is None: self.first = loss
         elif loss > self.factor * max(self.first, 1e-8): self.diverged = f'training loss {loss:.3g} > {self.factor:g} x its first value {self.first:.3g} at step {self.steps}'
@@ -173,7 +174,12 @@ def check_out(out:str|Path) -> Path:
     except OSError as e: raise ValueError(f"Cannot write to output folder {str(out)!r}: {e.strerror or e}") from None
     return out
 
-# %% ../nbs/88_benchmark.ipynb #3cba05df
+# %% ../nbs/88_benchmark.ipynb #a6a3014d
+def _time_to(workload:Workload, curve, times) -> float:
+    "Seconds until `curve` first reached the workload's target, from a run's `curve` and `times` strings; inf if never"
+    c,t = [np.array([float(v) for v in str(x).split()]) if isinstance(x, str) else np.array([]) for x in (curve, times)]
+    return next((float(b) for a,b in zip(c, t) if workload.reached(a)), math.inf)
+
 def summarize(runs:pd.DataFrame, workload:Workload, order:list|None=None) -> pd.DataFrame:
     "One row per optimizer from the `final` runs of `workload`, best mean first"
     rows = []
@@ -182,7 +188,7 @@ def summarize(runs:pd.DataFrame, workload:Workload, order:list|None=None) -> pd.
         d = rs[rs.optimizer == name]
         if not len(d): continue
         m,s,ci,n = mean_ci(d.metric[d.status == 'ok'].astype(float))
-        t = d.time_to_target.astype(float).where(lambda x: np.isfinite(x), np.inf).to_numpy()
+        t = np.array([_time_to(workload, c, ts) for c,ts in zip(d.curve, d.times)])
         sw = runs[(runs.workload == workload.name) & (runs.phase == 'sweep') & (runs.optimizer == name)]
         rows.append(dict(workload=workload.name, optimizer=name, lr=float(d.lr.iloc[0]), hypers=d.hypers.iloc[0] if 'hypers' in d else '',
                          n=n, mean=m, std=s, ci95=ci, diverged=int((d.status == 'diverged').sum()), errors=int((d.status == 'error').sum()),
@@ -231,7 +237,7 @@ def write_report(runs:pd.DataFrame, workloads:list, out:str|Path, order:list|Non
         if w.baseline is not None: line += f"; a trivial predictor scores {fmt_metric(w.baseline, math.nan, 1, w.unit).split(' (')[0]}"
         if w.target is not None: line += f"; time to target: wall-clock training seconds until {metric} {'≥' if w.higher_is_better else '≤'} {fmt_metric(w.target, math.nan, 1, w.unit).split(' (')[0]}"
         md += [line + '.', '']
-        tab = pd.DataFrame({'optimizer': s.optimizer, 'lr': [f'{v:.3g}' for v in s.lr], 'other hypers': s.hypers.fillna(''),
+        tab = pd.DataFrame({'optimizer': s.optimizer, 'lr': [f'{v:.3g}' for v in s.lr], 'other hypers': [h if isinstance(h, str) else '' for h in s.hypers],
                             f'{metric} (mean ± 95% CI)': [fmt_metric(a, b, c, w.unit) for a,b,c in zip(s['mean'], s.ci95, s.n)]})
         if w.target is not None:
             tab['time to target s (median)'] = [_fmt_s(t) for t in s.time_to_target]
@@ -253,12 +259,12 @@ def write_report(runs:pd.DataFrame, workloads:list, out:str|Path, order:list|Non
             md += ['Runs that did not finish:', ''] + [f'- {r.optimizer} lr={r.lr:.3g} seed {r.seed} ({r.phase}): {r.status}: {r.note}' for r in bad.itertuples()] + ['']
     summary = pd.concat(sums, ignore_index=True) if sums else pd.DataFrame()
     summary.to_csv(out/'summary.csv', index=False)
-    tt = pd.DataFrame(times)
+    tt = pd.DataFrame(times).dropna(axis=0)   # NaN: not run on that workload (inf: ran, missed the target)
     if len(tt.columns) and np.isfinite(tt.to_numpy(dtype=float)).any():
         ratios = profile_ratios(tt).dropna(axis=1, how='all')
         ratios.to_csv(out/'profile.csv', index_label='optimizer')
         fig = plot_profile(ratios, order=[n for n in order if n in ratios.index]); fig.savefig(out/'profile.png', dpi=80); plt.close(fig)
-        md += ['## Performance profile', '', f"Over {ratios.shape[1]} workload(s) with a target ({', '.join(ratios.columns)}): the fraction of workloads on which each optimizer reached the target within a factor τ of the fastest one's time (Dolan & Moré 2002, as in AlgoPerf).", '',
+        md += ['## Performance profile', '', f"Over {ratios.shape[1]} workload(s) with a target ({', '.join(ratios.columns)}), for the optimizers run on all of them: the fraction of workloads on which each optimizer reached the target within a factor τ of the fastest one's time (Dolan & Moré 2002, as in AlgoPerf).", '',
                '![profile](profile.png)', '']
     md += ['## Protocol', '', 'Each run: `fit_one_cycle(epochs, lr)` from a seeded initialization and batch order; the metric is measured on held-out data after every epoch. '
            'Mean and 95% confidence interval over the final seeds use the sample standard deviation and the t-distribution; n=1 has no interval. '
@@ -297,6 +303,7 @@ def benchmark(
     resume:bool=False, # Keep the runs already in out/runs.csv and skip them
     progress:bool=True, # The overall progress bar and messages
     settings:str='', # A line for the top of report.md
+    threads:int|None=None, # torch CPU threads (`torch.set_num_threads`); None: leave as is
 ) -> BenchmarkResult:
     "Run the benchmark; write runs.csv as it goes and the report at the end (also when interrupted)"
     names = list(registry) if names is None else list(names)
@@ -313,7 +320,9 @@ def benchmark(
     if fused:
         for n in names:
             if not can_fuse(n): raise ValueError(f"{n} cannot run fused (fastai's own optimizers have no fused path); leave it out or drop fused")
+    if threads is not None: _check_int('threads', threads)
     out = check_out(out)
+    if threads is not None: torch.set_num_threads(threads)
     wls = [get_workload(w) if isinstance(w, str) else w for w in workloads]
     if not wls: raise ValueError("No workload given")
     runs_csv = out/'runs.csv'
@@ -378,6 +387,7 @@ def benchmark(
     finally: bar.close()
     runs = pd.DataFrame(rows).reindex(columns=list(_columns))
     order = [n for n in list(registry) if n in names]
+    settings = (settings + ' ' if settings else '') + f'torch threads: {torch.get_num_threads()}.'
     summary = write_report(runs, wls, out, order=order, settings=settings) if len(runs) else pd.DataFrame()
     return BenchmarkResult(summary, runs, out, interrupted)
 

@@ -51,7 +51,7 @@ def _compare(args):
         if lr not in (None, 'auto'):
             try: lr = float(lr)
             except ValueError: raise ValueError(f"Invalid lr: {lr!r} (expected a positive number or 'auto')") from None
-        for k in ('epochs', 'seeds', 'grid'):
+        for k in ('epochs', 'seeds', 'grid', 'threads'):
             v = getattr(args, k)
             if v is not None and v < 1: raise ValueError(f"Invalid {k}: {v} (expected a positive integer)")
         check_out(args.out)
@@ -60,7 +60,8 @@ def _compare(args):
         if args.csv: wls.append(csv_workload(args.csv, args.target, args.task, log=log))
         settings = (f"`fastopt compare {' '.join(args.argv)}`" if args.argv is not None else '')
         res = benchmark(wls, names, epochs=args.epochs, lr=lr, seeds=args.seeds, sweep=args.sweep, grid=args.grid, fused=args.fused,
-                        diagnostics=args.diagnostics, out=args.out, resume=args.resume, progress=not args.quiet, settings=settings)
+                        diagnostics=args.diagnostics, out=args.out, resume=args.resume, progress=not args.quiet, settings=settings,
+                        threads=args.threads)
     except ValueError as e: _fail('compare', str(e))
     for w in wls:
         if len(res.summary) and (res.summary.workload == w.name).any(): print(f"\n{w.name}: {w.about}\n{format_summary(res.summary, w)}")
@@ -133,6 +134,7 @@ def main(argv:list|None=None):
     cmp.add_argument('--task', default=None, choices=['classification', 'regression'], help='override the guess from the --target column')
     cmp.add_argument('--out', default='fastopt-results', help='output folder (default: fastopt-results)')
     cmp.add_argument('--resume', action='store_true', help='keep the runs in OUT/runs.csv and run only the missing ones')
+    cmp.add_argument('--threads', type=int, default=1, help="torch CPU threads per run (default: 1; the workloads are small, and one thread is much faster than two on a busy machine)")
     cmp.add_argument('--quiet', action='store_true', help='no progress bar or messages, only the final tables')
     bn = sub.add_parser('bench', help="time each optimizer's step, fused and eager, against fastai, torch and the memory floor")
     bn.add_argument('--opt', default=None, help='comma-separated names (default: all fused-capable optimizers)')
