@@ -55,11 +55,11 @@ class RunWatch(Callback):
     def before_validate(self): self._tv = time.perf_counter()
     def after_validate(self): self.eval_s += time.perf_counter() - self._tv
 
-    def before_step(self):
-        if self.steps == 0 and self.compile_note: self._tc = time.perf_counter(); self.compile_note(None)
+    def before_step(self):   # fastopt steps a parameter eagerly the first time: the compile happens in the second step
+        if self.steps == 1 and self.compile_note: self._tc = time.perf_counter(); self.compile_note(None)
 
     def after_step(self):
-        if self.steps == 0 and self.compile_note: self.compile_note(time.perf_counter() - self._tc)
+        if self.steps == 1 and self.compile_note: self.compile_note(time.perf_counter() - self._tc)
         self.steps += 1
 
     def after_batch(self):
@@ -108,8 +108,8 @@ def run_one(
         row['hypers'] = ' '.join(f'{k}={v:g}' for k,v in hypers.items() if k != 'fused')
         compile_note = None
         if fused and note:
-            def compile_note(dt): note(f"compiling the fused {name} step (first step of {workload.name}, seed {seed})..." if dt is None
-                                       else f"compiled {name} in {dt:.1f} s")
+            def compile_note(dt): note(f"compiling the fused {name} step ({workload.name}, seed {seed}; can take a minute)..." if dt is None
+                                       else f"compiled {name}: its first fused step took {dt:.1f} s")
         watch = RunWatch(workload.metric, compile_note=compile_note)
         learn = workload.learner(opt_func, seed=seed, cbs=[watch] + list(cbs or []), path=path)
         with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
@@ -317,9 +317,6 @@ def benchmark(
     if not (lr is None or lr == 'auto' or (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < math.inf)):
         raise ValueError(f"Invalid lr: {lr!r} (expected a positive number or 'auto')")
     if sweep and lr == 'auto': raise ValueError("Give either lr='auto' or sweep, not both")
-    if fused:
-        for n in names:
-            if not can_fuse(n): raise ValueError(f"{n} cannot run fused (fastai's own optimizers have no fused path); leave it out or drop fused")
     if threads is not None: _check_int('threads', threads)
     out = check_out(out)
     if threads is not None: torch.set_num_threads(threads)
@@ -338,26 +335,27 @@ def benchmark(
     def record(row):
         rows.append(row)
         pd.DataFrame([row]).reindex(columns=list(_columns)).to_csv(runs_csv, mode='a', header=not runs_csv.exists() or not runs_csv.stat().st_size, index=False)
-    interrupted = False
+    interrupted,used = False,[]   # used: this benchmark's runs (new or kept), which the report covers
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for w in wls:
                 ep = epochs or w.epochs
                 for name in names:
+                    fz = fused and can_fuse(name)   # fastai's own builders have no fused path: they run eagerly
                     def one(lr_, seed, phase, cbs=None):
-                        k = _key(w.name, name, lr_, seed, ep, fused)
+                        k = _key(w.name, name, lr_, seed, ep, fz)
                         bar.start(f"{w.name} · {name} · lr={lr_:.3g} · seed {seed}" + (' (sweep)' if phase == 'sweep' else ''))
                         if k in done:
                             r = dict(done[k])
                             if r.get('phase') != phase: r['phase'] = phase; record(r)
-                            bar.finish('kept from runs.csv'); return r
-                        r = run_one(w, name, lr_, seed, ep, fused, phase, path=tmp, cbs=cbs, note=bar.message)
-                        record(r); done[k] = r
+                            used.append(r); bar.finish('kept from runs.csv'); return r
+                        r = run_one(w, name, lr_, seed, ep, fz, phase, path=tmp, cbs=cbs, note=bar.message)
+                        record(r); done[k] = r; used.append(r)
                         bar.finish(f"{r['status']}" + (f", {w.metric} {r['metric']:.4g}" if r['status'] == 'ok' else f" ({r['note']})"))
                         return r
                     start_lr = hypers_for(name, w.hypers)['lr'] if lr is None else lr
                     if start_lr == 'auto':
-                        start_lr,msg = suggest_lr(w, name, fused, tmp)
+                        start_lr,msg = suggest_lr(w, name, fz, tmp)
                         bar.message(f"{w.name} · {name}: {msg}")
                     final_seeds = range(seeds)
                     if sweep:
@@ -371,9 +369,9 @@ def benchmark(
                     if not (isinstance(start_lr, float) and math.isfinite(start_lr) and start_lr > 0):
                         for s in final_seeds:
                             bar.start(f"{w.name} · {name} · seed {s}")
-                            r = dict(workload=w.name, optimizer=name, phase='final', lr=math.nan, seed=s, epochs=ep, fused=fused, status='error',
+                            r = dict(workload=w.name, optimizer=name, phase='final', lr=math.nan, seed=s, epochs=ep, fused=fz, status='error',
                                      metric=math.nan, time_to_target=math.nan, seconds=0., note=f'no usable learning rate ({start_lr})')
-                            record(r); bar.finish('error (no usable learning rate)')
+                            record(r); used.append(r); bar.finish('error (no usable learning rate)')
                         continue
                     for j,s in enumerate(final_seeds):
                         cbs = [UpdateStats()] if diagnostics and j == 0 else None
@@ -385,7 +383,7 @@ def benchmark(
         interrupted = True
         bar.message(f"interrupted: {len(rows)} finished runs are in {runs_csv}; run again with resume (--resume) to continue")
     finally: bar.close()
-    runs = pd.DataFrame(rows).reindex(columns=list(_columns))
+    runs = pd.DataFrame(used).reindex(columns=list(_columns))
     order = [n for n in list(registry) if n in names]
     settings = (settings + ' ' if settings else '') + f'torch threads: {torch.get_num_threads()}.'
     summary = write_report(runs, wls, out, order=order, settings=settings) if len(runs) else pd.DataFrame()
