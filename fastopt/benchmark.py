@@ -180,6 +180,11 @@ def _time_to(workload:Workload, curve, times) -> float:
     c,t = [np.array([float(v) for v in str(x).split()]) if isinstance(x, str) else np.array([]) for x in (curve, times)]
     return next((float(b) for a,b in zip(c, t) if workload.reached(a)), math.inf)
 
+def _epochs_to(workload:Workload, curve) -> float:
+    "The first epoch (counted from 1) at which `curve` reached the target; inf if never"
+    c = [float(v) for v in str(curve).split()] if isinstance(curve, str) else []
+    return next((float(i + 1) for i,a in enumerate(c) if workload.reached(a)), math.inf)
+
 def summarize(runs:pd.DataFrame, workload:Workload, order:list|None=None) -> pd.DataFrame:
     "One row per optimizer from the `final` runs of `workload`, best mean first"
     rows = []
@@ -193,6 +198,7 @@ def summarize(runs:pd.DataFrame, workload:Workload, order:list|None=None) -> pd.
         rows.append(dict(workload=workload.name, optimizer=name, lr=float(d.lr.iloc[0]), hypers=d.hypers.iloc[0] if 'hypers' in d else '',
                          n=n, mean=m, std=s, ci95=ci, diverged=int((d.status == 'diverged').sum()), errors=int((d.status == 'error').sum()),
                          time_to_target=float(np.median(t)) if workload.target is not None and len(t) else math.nan,
+                         epochs_to_target=float(np.median([_epochs_to(workload, c) for c in d.curve])) if workload.target is not None and len(t) else math.nan,
                          reached=int(np.isfinite(t).sum()) if workload.target is not None else 0, runs=len(d),
                          sweep_points=len(sw), sweep_diverged=int((sw.status != 'ok').sum()),
                          seconds_per_run=float(d.seconds.mean())))
@@ -241,6 +247,7 @@ def write_report(runs:pd.DataFrame, workloads:list, out:str|Path, order:list|Non
                             f'{metric} (mean ± 95% CI)': [fmt_metric(a, b, c, w.unit) for a,b,c in zip(s['mean'], s.ci95, s.n)]})
         if w.target is not None:
             tab['time to target s (median)'] = [_fmt_s(t) for t in s.time_to_target]
+            tab['epochs to target'] = ['–' if not np.isfinite(e) else f'{e:g}' for e in s.epochs_to_target]
             tab['reached'] = [f'{a}/{b}' for a,b in zip(s.reached, s.runs)]
             times[w.name] = s.set_index('optimizer').time_to_target
         tab['diverged'] = [f'{a}/{b}' + (f' ({e} errors)' if e else '') for a,b,e in zip(s.diverged, s.runs, s.errors)]

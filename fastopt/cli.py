@@ -156,8 +156,8 @@ def main(argv:list|None=None):
     tr.add_argument('--out', default='fastopt-results', help='folder for trajectories-FN.png (default: fastopt-results)')
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if args.command == 'compare': args.argv = argv[1:]; return _compare(args)
-    if args.command == 'bench': return _bench(bn, args)
-    if args.command == 'trajectories': return _trajectories(args)
-    if args.command == 'regret': return _regret(args)
-    if args.command == 'rectifier': return _rectifier(args)
+    if args.command == 'compare': args.argv = argv[1:]; _compare(args)   # nothing returned: the console script exits 0
+    elif args.command == 'bench': _bench(bn, args)
+    elif args.command == 'trajectories': _trajectories(args)
+    elif args.command == 'regret': _regret(args)
+    elif args.command == 'rectifier': _rectifier(args)
