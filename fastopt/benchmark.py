@@ -201,6 +201,7 @@ def summarize(runs:pd.DataFrame, workload:Workload, order:list|None=None) -> pd.
                          epochs_to_target=float(np.median([_epochs_to(workload, c) for c in d.curve])) if workload.target is not None and len(t) else math.nan,
                          reached=int(np.isfinite(t).sum()) if workload.target is not None else 0, runs=len(d),
                          sweep_points=len(sw), sweep_diverged=int((sw.status != 'ok').sum()),
+                         grid_edge=bool(len(sw) > 1 and float(d.lr.iloc[0]) in (sw.lr.min(), sw.lr.max())),
                          seconds_per_run=float(d.seconds.mean())))
     res = pd.DataFrame(rows)
     if len(res):
@@ -243,7 +244,7 @@ def write_report(runs:pd.DataFrame, workloads:list, out:str|Path, order:list|Non
         if w.baseline is not None: line += f"; a trivial predictor scores {fmt_metric(w.baseline, math.nan, 1, w.unit).split(' (')[0]}"
         if w.target is not None: line += f"; time to target: wall-clock training seconds until {metric} {'≥' if w.higher_is_better else '≤'} {fmt_metric(w.target, math.nan, 1, w.unit).split(' (')[0]}"
         md += [line + '.', '']
-        tab = pd.DataFrame({'optimizer': s.optimizer, 'lr': [f'{v:.3g}' for v in s.lr], 'other hypers': [h if isinstance(h, str) else '' for h in s.hypers],
+        tab = pd.DataFrame({'optimizer': s.optimizer, 'lr': [f'{v:.3g}' + (' (edge)' if e else '') for v,e in zip(s.lr, s.grid_edge)], 'other hypers': [h if isinstance(h, str) else '' for h in s.hypers],
                             f'{metric} (mean ± 95% CI)': [fmt_metric(a, b, c, w.unit) for a,b,c in zip(s['mean'], s.ci95, s.n)]})
         if w.target is not None:
             tab['time to target s (median)'] = [_fmt_s(t) for t in s.time_to_target]
@@ -254,6 +255,7 @@ def write_report(runs:pd.DataFrame, workloads:list, out:str|Path, order:list|Non
         if s.sweep_points.sum(): tab['sweep: diverged'] = [f'{a}/{b}' for a,b in zip(s.sweep_diverged, s.sweep_points)]
         tab['s per run'] = [f'{v:.1f}' for v in s.seconds_per_run]
         md += [_md_table(tab), '']
+        if s.grid_edge.any(): md += [f"(edge): the best learning rate of the sweep was its smallest or largest; a wider grid around it may find a better one ({int(s.grid_edge.sum())} of {len(s)}).", '']
         fig = plot_workload(s, wr, metric, w.unit, w.target, title=w.name, order=order)
         fig.savefig(out/f'compare-{w.name}.png', dpi=80); plt.close(fig)
         md += [f'![{w.name}](compare-{w.name}.png)', '']

@@ -114,8 +114,7 @@ def plot_profile(ratios:pd.DataFrame, order:list|None=None, title:str=''):
         r = ratios.loc[name].to_numpy()
         rho = [(r <= t).sum() / n for t in taus] if n else [0.] * len(taus)
         s = st[name]
-        ax.step(taus, rho, where='post', label=name, color=s['color'], linestyle=s['linestyle'])
-        ax.plot(taus[::40], np.array(rho)[::40], s['marker'], color=s['color'], markersize=4)
+        ax.plot(taus, rho, drawstyle='steps-post', label=name, markevery=40, markersize=4, **s)
     ax.set(xscale='log', xlabel='τ (time to target / fastest time to target)', ylabel='fraction of workloads within τ',
            ylim=(-0.03, 1.03), title=title or f'Performance profile over {n} workload' + ('s' if n != 1 else ''))
     ax.legend(fontsize='x-small', ncol=2 if len(ratios) > 8 else 1, loc='lower right')

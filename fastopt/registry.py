@@ -19,20 +19,25 @@ optimizers = {name: getattr(fastopt, name) for name in (
     'Adam', 'AMSGrad', 'RAdam', 'Lamb', 'SAdam', 'SRAdam', 'AdamGC', 'StableAdam', 'AdamAWD', 'UM', 'PreLamb',
     'DuvAdam', 'SUAdam', 'BAdam')}
 
-# %% ../nbs/85_registry.ipynb #405e6e8a
+# %% ../nbs/85_registry.ipynb #3babb10e
 def _entry(opt, digits:dict, text:float, tabular:float, **default):
     return dict(opt=opt, default=default, digits=digits, text=dict(lr=text), tabular=dict(lr=tabular))
 
+# (text lr, tabular lr); the tabular ones and text's Adam, RAdam, Lamb and fastai.SGD are sweep results (see above)
+_lrs = dict(Adam=(1e-2, 0.1), AMSGrad=(1e-2, 0.0316), RAdam=(0.0316, 0.333), Lamb=(1e-2, 0.1), SAdam=(1e-2, 0.0316),
+            SRAdam=(0.0333, 0.333), AdamGC=(0.0333, 0.0333), StableAdam=(1e-2, 0.1), AdamAWD=(1e-2, 0.1), UM=(3.33e-3, 3.33e-3),
+            PreLamb=(0.0333, 0.333), DuvAdam=(1., 0.316), SUAdam=(0.1, 0.316), BAdam=(1.33, 1.33))
+
 registry = {
-    **{n: _entry(o, {k: v for k,v in digits_hypers[n].items() if k != 'beta'}, text=digits_hypers[n]['lr'] / 10,
-                 tabular=digits_hypers[n]['lr'] / 3, **({'beta': digits_hypers[n]['beta']} if 'beta' in digits_hypers[n] else {}))
+    **{n: _entry(o, {k: v for k,v in digits_hypers[n].items() if k != 'beta'}, *_lrs[n],
+                 **({'beta': digits_hypers[n]['beta']} if 'beta' in digits_hypers[n] else {}))
        for n,o in optimizers.items()},
-    'SGD': _entry(fastopt.SGD, dict(lr=0.3), text=0.3, tabular=0.1, mom=0.9),
-    'RMSProp': _entry(fastopt.RMSProp, dict(lr=3e-3), text=1e-3, tabular=1e-3),
-    'QHAdam': _entry(fastopt.QHAdam, dict(lr=3e-2), text=3e-3, tabular=1e-2),
-    'Larc': _entry(fastopt.Larc, dict(lr=1.), text=1., tabular=1., mom=0.9),
-    'fastai.SGD': _entry(fastai.optimizer.SGD, dict(lr=0.3), text=0.3, tabular=0.1, mom=0.9),
-    'fastai.Adam': _entry(fastai.optimizer.Adam, dict(lr=3e-2), text=3e-3, tabular=1e-2),
+    'SGD': _entry(fastopt.SGD, dict(lr=0.0949), text=0.949, tabular=0.01, mom=0.9),
+    'RMSProp': _entry(fastopt.RMSProp, dict(lr=0.00949), text=3.16e-3, tabular=0.01),
+    'QHAdam': _entry(fastopt.QHAdam, dict(lr=3e-3), text=1e-3, tabular=3.16e-3),
+    'Larc': _entry(fastopt.Larc, dict(lr=0.316), text=0.105, tabular=1., mom=0.9),
+    'fastai.SGD': _entry(fastai.optimizer.SGD, dict(lr=0.0949), text=0.949, tabular=0.01, mom=0.9),
+    'fastai.Adam': _entry(fastai.optimizer.Adam, dict(lr=3e-3), text=1e-2, tabular=0.1),
 }
 
 # %% ../nbs/85_registry.ipynb #1cf6902e

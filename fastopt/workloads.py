@@ -135,7 +135,7 @@ def text_workload(
     n_heads:int=4, # Attention heads
     bs:int=32, # Training batch size
     epochs:int=4, # Epochs of `fit_one_cycle`
-    target:float=2.5, # Held-out bits per character for time-to-target
+    target:float=3.6, # Held-out bits per character for time-to-target
 ) -> Workload:
     "A character-level transformer language model on the Python standard library's source (see `stdlib_text`)"
     train,valid,nt,nv = stdlib_text(train_chars, valid_chars)
