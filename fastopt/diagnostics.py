@@ -25,10 +25,14 @@ class UpdateStats(Callback):
         self.names,self.every = names,every
 
     def before_fit(self):
-        self.tracked = {n: p for n,p in self.learn.model.named_parameters() if self.names is None or n in self.names}
-        self.records,self.n_steps,self._before = [],0,None
+        # `Learner.validate` fires before_fit too: start afresh only when the new fit takes its first step
+        self._fresh = True
+        if not hasattr(self, 'records'): self.records,self.n_steps,self._before = [],0,None
 
     def before_step(self):
+        if self._fresh:
+            self.tracked = {n: p for n,p in self.learn.model.named_parameters() if self.names is None or n in self.names}
+            self.records,self.n_steps,self._before,self._fresh = [],0,None,False
         if self.training and self.n_steps % self.every == 0:
             self._before = {n: p.detach().clone() for n,p in self.tracked.items() if p.grad is not None}
 

@@ -12,6 +12,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 from fastprogress.fastprogress import progress_bar
 import fastopt
+from .registry import optimizers
 
 # %% auto #0
 __all__ = ['test_functions', 'lr_grid', 'regret_run', 'plot_regret', 'regret_experiment', 'rosenbrock', 'rastrigin', 'trajectory',
@@ -23,14 +24,17 @@ def regret_run(
     steps:int=10**6, # T, the number of steps
     record:int=200, # How many (log-spaced) points of the trajectory to keep
     progress:bool=False, # Show a progress bar
+    stochastic:bool=False, # The stochastic setting: 1010 with probability 0.01 instead of every 101st step
+    seed:int=0, # Seeds the draws of the stochastic setting
 ) -> pd.DataFrame:
     "Run the counterexample for `steps` steps; return t, x_t and R(t)/t at `record` log-spaced steps"
     x = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    rare = np.random.default_rng(seed).random(steps) < 0.01 if stochastic else None
     opt = opt_func([x], lr=1e-2, mom=0.9, sqr_mom=0.99, eps=1e-16, wd=0.)
     keep = set(np.unique(np.geomspace(1, steps, record).astype(int)).tolist())
     regret,rows = 0.,[]
     for t in (progress_bar(range(steps)) if progress else range(steps)):
-        slope = 1010. if t % 101 == 1 else -10.
+        slope = 1010. if (rare[t] if stochastic else t % 101 == 1) else -10.
         xt = x.item()
         regret += slope * xt - slope * -1.
         x.grad = torch.full_like(x, slope)
@@ -58,15 +62,21 @@ def regret_experiment(
     steps:int=10**6, # T
     out:str|Path='fastopt-results', # Folder for regret.csv and regret.png
     progress:bool=True, # Show progress bars
+    stochastic:bool=False, # The stochastic setting (files regret-stochastic.csv and .png)
+    seed:int=0, # Seeds the stochastic draws
 ) -> pd.DataFrame:
     "Run the counterexample with fastopt's Adam and AMSGrad; write `out`/regret.csv (final values) and regret.png"
     if steps < 1: raise ValueError(f"Invalid steps: {steps!r} (expected a positive integer)")
-    runs = {name: regret_run(getattr(fastopt, name), steps, progress=progress) for name in ('Adam', 'AMSGrad')}
+    runs = {name: regret_run(getattr(fastopt, name), steps, progress=progress, stochastic=stochastic, seed=seed) for name in ('Adam', 'AMSGrad')}
     res = pd.DataFrame([dict(optimizer=n, steps=steps, x=df.x.iloc[-1], avg_regret=df.avg_regret.iloc[-1]) for n,df in runs.items()])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    res.to_csv(out/'regret.csv', index=False)
-    plot_regret(runs).savefig(out/'regret.png', dpi=100)
+    stem = 'regret-stochastic' if stochastic else 'regret'
+    res.to_csv(out/f'{stem}.csv', index=False)
+    fig = plot_regret(runs)
+    if stochastic: fig.suptitle(f'Stochastic setting: f_t(x) = 1010x with probability 0.01, else -10x (seed {seed})')
+    fig.tight_layout()
+    fig.savefig(out/f'{stem}.png', dpi=80)
     plt.close('all')
     return res
 
@@ -108,7 +118,6 @@ def plot_trajectories(
     grid:list=lr_grid, # Learning rates tried per optimizer
 ):
     "One panel per optimizer: its path on the test function at its best learning rate from `grid`"
-    from fastopt.cli import optimizers
     if fn_name not in test_functions: raise ValueError(f"Unknown function: {fn_name!r} (known: {', '.join(test_functions)})")
     fn,start,best_point = test_functions[fn_name]
     names = names or list(optimizers)
