@@ -15,7 +15,7 @@ __all__ = ['optimizers', 'registry', 'hypers_for', 'can_fuse']
 # %% ../nbs/85_registry.ipynb #b18a5d99
 optimizers = {name: getattr(fastopt, name) for name in (
     'Adam', 'AMSGrad', 'RAdam', 'Lamb', 'SAdam', 'SRAdam', 'AdamGC', 'StableAdam', 'AdamAWD', 'UM', 'PreLamb',
-    'DuvAdam', 'SUAdam', 'BAdam')}
+    'DuvAdam', 'SUAdam', 'BAdam', 'Lion', 'ADOPT', 'ScheduleFreeAdamW', 'Muon')}
 
 # %% ../nbs/85_registry.ipynb #3babb10e
 def _entry(opt, digits:dict, text:float, tabular:float, **default):
@@ -25,6 +25,8 @@ def _entry(opt, digits:dict, text:float, tabular:float, **default):
 _lrs = dict(Adam=(1e-2, 0.1), AMSGrad=(1e-2, 0.0316), RAdam=(0.0316, 0.333), Lamb=(1e-2, 0.1), SAdam=(1e-2, 0.0316),
             SRAdam=(0.0333, 0.333), AdamGC=(0.0333, 0.0333), StableAdam=(1e-2, 0.1), AdamAWD=(1e-2, 0.1), UM=(3.33e-3, 3.33e-3),
             PreLamb=(0.0333, 0.333), DuvAdam=(1., 0.316), SUAdam=(0.1, 0.316), BAdam=(1.33, 1.33))
+# the modern four (nbs/09_modern) have swept digits rates only: text starts from a third of it, tabular from it (unswept)
+_lrs |= {n: (digits_hypers[n]['lr'] / 3, digits_hypers[n]['lr']) for n in ('Lion', 'ADOPT', 'ScheduleFreeAdamW', 'Muon')}
 
 registry = {
     **{n: _entry(o, {k: v for k,v in digits_hypers[n].items() if k != 'beta'}, *_lrs[n],

@@ -61,6 +61,6 @@ NAMESAKE_HYPERS = dict(SGD=dict(lr=0.1, mom=0.9), RMSProp=dict(lr=1e-3), QHAdam=
 
 # The optimizers of `fastopt compare` that the tests below were written for: the fourteen seed algorithms. The four
 # modern ones (registered after them) are tested by test_modern.py, test_learner.py and the kit (test_testing.py).
-from fastopt.cli import optimizers as _registry
+from fastopt.registry import optimizers as _registry
 MODERN = ('Lion', 'ADOPT', 'ScheduleFreeAdamW', 'Muon')
 SEED_OPTIMIZERS = {n: f for n,f in _registry.items() if n not in MODERN}

@@ -5,7 +5,7 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 import fastopt
 from functools import partial
-from fastopt.cli import optimizers
+from fastopt.registry import optimizers
 from fastopt.digits import digits_learner, digits_hypers
 
 class RecordHypers(Callback):
