@@ -109,8 +109,9 @@ def run_one(
             def compile_note(dt): note(f"compiling the fused {name} step ({workload.name}, seed {seed}; can take a minute)..." if dt is None
                                        else f"compiled {name}: its first fused step took {dt:.1f} s")
         watch = RunWatch(workload.metric, compile_note=compile_note)
-        learn = workload.learner(opt_func, seed=seed, cbs=[watch] + list(cbs or []), path=path)
-        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
+        entry = registry[name]
+        learn = workload.learner(opt_func, seed=seed, cbs=[watch] + [c() for c in entry.get('cbs', [])] + list(cbs or []), path=path)
+        with learn.no_bar(), learn.no_logging(): getattr(learn, entry.get('fit', 'fit_one_cycle'))(epochs, lr)
         final = watch.curve[-1] if watch.curve else math.nan
         status = 'diverged' if watch.diverged or not math.isfinite(final) else 'ok'
         msg = watch.diverged or ('' if status == 'ok' else f'held-out {workload.metric} is {final}')
@@ -273,7 +274,7 @@ def write_report(runs:pd.DataFrame, workloads:list, out:str|Path, order:list|Non
         fig = plot_profile(ratios, order=[n for n in order if n in ratios.index]); fig.savefig(out/'profile.png', dpi=80); plt.close(fig)
         md += ['## Performance profile', '', f"Over {ratios.shape[1]} workload(s) with a target ({', '.join(ratios.columns)}), for the optimizers run on all of them: the fraction of workloads on which each optimizer reached the target within a factor τ of the fastest one's time (Dolan & Moré 2002, as in AlgoPerf).", '',
                '![profile](profile.png)', '']
-    md += ['## Protocol', '', 'Each run: `fit_one_cycle(epochs, lr)` from a seeded initialization and batch order; the metric is measured on held-out data after every epoch. '
+    md += ['## Protocol', '', 'Each run: `fit_one_cycle(epochs, lr)` (`fit` for Schedule-Free, which needs no schedule) from a seeded initialization and batch order; the metric is measured on held-out data after every epoch. '
            'Mean and 95% confidence interval over the final seeds use the sample standard deviation and the t-distribution; n=1 has no interval. '
            'Time to target is wall-clock training time (validation excluded, a fused compile included), the median over the final seeds, a run that missed counting as never. '
            'A run is diverged when its training loss is non-finite or exceeds 10x its first value. With a sweep, the learning rate is chosen on seed 0 and the reported seeds are 1 to K. '
@@ -404,7 +405,7 @@ def suggest_lr(workload:Workload, name:str, fused:bool=False, path='.') -> tuple
     "fastai's lr_find valley for `name` on `workload` (seed 0): (lr or NaN, message)"
     try:
         opt_func,_ = opt_func_for(name, workload, fused)
-        learn = workload.learner(opt_func, seed=0, path=path)
+        learn = workload.learner(opt_func, seed=0, cbs=[c() for c in registry[name].get('cbs', [])], path=path)
         with learn.no_bar(), learn.no_logging(): lr = float(learn.lr_find(show_plot=False).valley)
     except Exception as e: return math.nan,f"lr_find failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not (math.isfinite(lr) and lr > 0): return math.nan,f"lr_find suggested {lr}, not a usable learning rate"

@@ -377,10 +377,12 @@ class _GroupLayouts:
     def __init__(self, opt, params:list):
         channels = any(_cb_attr(cb, 'per_channel') for cb in opt.cbs)
         bools,read = _per_block_bools(opt.cbs),set().union(*map(_cb_names, opt.cbs))
+        shaped = [f for f in (_cb_attr(cb, 'needs_shape') for cb in opt.cbs) if f]   # per-matrix work (Muon) needs the parameter's own shape
         by = {}
         self.unfit = set()
         for p in params:
-            sig = _signature(p, opt.state[p], channels, bools, read) or _shard_signature(p, opt.state[p], channels, bools, read)
+            if any(f(opt.state[p]) for f in shaped): sig = None
+            else: sig = _signature(p, opt.state[p], channels, bools, read) or _shard_signature(p, opt.state[p], channels, bools, read)
             if sig is None: self.unfit.add(id(p))
             else: by.setdefault(sig, []).append(p)
         self.buckets = {k: _ShardBucket(opt, ps, k[4], bools) if k[0] == 'shards' else _Bucket(opt, ps, k[2], channels, bools) for k,ps in by.items()}

@@ -39,7 +39,7 @@ def Lion(
     mom:float=0.9, # β1, how far the update direction leans toward the running average (against the gradient)
     avg_mom:float=0.99, # β2, the running gradient average's coefficient
     wd:float=0., # λ, decoupled weight decay (p ← p·(1 - ηλ))
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "Lion: the sign of an interpolated momentum, with decoupled weight decay"
     return Optimizer(params, [weight_decay_cb(True), lion_step], fused=fused, lr=lr, mom=mom, avg_mom=avg_mom, wd=wd)
@@ -68,7 +68,7 @@ def ADOPT(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=False, # Decoupled weight decay, or L2 regularization (the reference's default)
     clip:bool=True, # Clip the normalized gradient to ±t^¼ (the paper's stabilizer)
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "ADOPT: momentum of gradients normalized by the previous step's second moment"
     cbs = [weight_decay_cb(check_bool('decouple_wd', decouple_wd)), step_count, partial(adopt_stats, clip=check_bool('clip', clip)), plain_momentum_step]
@@ -149,7 +149,7 @@ def ScheduleFreeAdamW(
     warmup_steps:int=0, # Steps of linear learning-rate warmup
     r:float=0., # Power of the step count in the averaging weights
     weight_lr_power:float=2., # Power of the largest learning rate so far in the averaging weights
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> ScheduleFreeOptimizer:
     "Schedule-Free AdamW: no learning-rate schedule; train on y, evaluate on the average x"
     return ScheduleFreeOptimizer(params, [step_count, schedule_free_step], fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom,
@@ -225,6 +225,8 @@ def muon_step(p, lr, mom, sqr_mom, eps, wd, use_muon, nesterov=True, ns_steps=5,
     p.data.add_(O, alpha=-lr * muon_lr_ratio(p.shape, adjust_lr))
     return {'grad_avg': grad_avg}
 
+muon_step.needs_shape = lambda state: bool(state.get('use_muon'))   # Newton–Schulz needs the matrix: the fused path steps these eagerly
+
 # %% ../nbs/09_modern.ipynb #6183d2ed
 def Muon(
     params:Tensor|Iterable, # Parameters, or a list of parameter groups
@@ -237,7 +239,7 @@ def Muon(
     muon_params:Callable=is_matrix, # Predicate choosing the 2-D weights Muon steps, such as `hidden_matrices(model)`; Adam steps the rest
     sqr_mom:float=0.99, # β2 of the Adam-stepped parameters
     eps:float=1e-8, # ε of the Adam-stepped parameters
-    fused:bool=False, # One compiled computation per parameter group (True) or eager steps (False); see `Optimizer`
+    fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
 ) -> Optimizer:
     "Muon for the chosen 2-D weights, AdamW for every other parameter, in one optimizer"
     if adjust_lr not in ('original', 'match_rms_adamw'): raise ValueError(f"Invalid adjust_lr: {adjust_lr!r} (expected 'original' or 'match_rms_adamw')")

@@ -39,6 +39,8 @@ registry = {
     'fastai.SGD': _entry(fastai.optimizer.SGD, dict(lr=0.0949), text=0.949, tabular=0.01, mom=0.9),
     'fastai.Adam': _entry(fastai.optimizer.Adam, dict(lr=3e-3), text=1e-2, tabular=0.1),
 }
+# Schedule-Free trains with a constant rate (`fit`, not `fit_one_cycle`) and needs its train/eval switch around validation
+registry['ScheduleFreeAdamW'] |= dict(fit='fit', cbs=[fastopt.modern.ScheduleFreeCallback])
 
 # %% ../nbs/85_registry.ipynb #1cf6902e
 def hypers_for(name:str, workload:str) -> dict:
