@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 import fastopt
 from fastopt.sharding import sharded_state_dict, load_sharded_state_dict, step_collectives, local
 
-# fastopt.cli.optimizers and fastai's four namesakes (named here: importing fastopt.cli costs every spawned rank ~2 s)
+# helpers.SEED_OPTIMIZERS and fastai's four namesakes (named here: importing the registry costs every spawned rank ~2 s)
 NAMES = ['Adam', 'AMSGrad', 'RAdam', 'Lamb', 'SAdam', 'SRAdam', 'AdamGC', 'StableAdam', 'AdamAWD', 'UM', 'PreLamb', 'DuvAdam',
          'SUAdam', 'BAdam', 'SGD', 'RMSProp', 'QHAdam', 'Larc']
 HYPERS = dict(SUAdam=dict(lr=0.3), BAdam=dict(lr=0.3, beta=5.), DuvAdam=dict(lr=0.3), SGD=dict(lr=0.1, mom=0.9), Larc=dict(lr=1.))
