@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastopt
+from spawning import join_or_fail
 
 WORLD = 2
 N_STEPS = 10
@@ -143,12 +144,7 @@ def run_ddp(cases, out_dir):
     "Spawn WORLD ranks that run `cases`; return {case: [rank 0's results, rank 1's, ...]}"
     ctx = mp.start_processes(_worker, args=(f"file://{out_dir}/store", str(out_dir), cases),
                              nprocs=WORLD, join=False, start_method='spawn')
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive(): p.terminate()
-            pytest.fail(f"the DDP ranks did not finish {cases} within {JOIN_TIMEOUT} s (a rank stuck in a collective?)")
+    join_or_fail(ctx, JOIN_TIMEOUT, f"the DDP ranks running {cases} (a rank stuck in a collective?)")
     return {c: [torch.load(out_dir / f"{c}-rank{r}.pt", weights_only=False) for r in range(WORLD)] for c in cases}
 
 @pytest.fixture(scope='module')

@@ -40,6 +40,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import fastopt
+from spawning import join_or_fail
 from fastopt.sharding import sharded_state_dict, load_sharded_state_dict, step_collectives, local
 
 # helpers.SEED_OPTIMIZERS and fastai's four namesakes (named here: importing the registry costs every spawned rank ~2 s)
@@ -220,12 +221,7 @@ def _worker(rank, world, out, jobs):
 def spawn(world, jobs, out):
     t0 = time.perf_counter()
     ctx = mp.start_processes(_worker, args=(world, str(out), jobs), nprocs=world, join=False, start_method='spawn')
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive(): p.terminate()
-            pytest.fail(f"the {world} ranks did not finish {jobs} within {JOIN_TIMEOUT} s")
+    join_or_fail(ctx, JOIN_TIMEOUT, f"the {world} ranks running {jobs}")
     res = {}
     for job in jobs:
         ranks = [torch.load(out / f"{job}-{world}-rank{r}.pt", weights_only=False) for r in range(world)]

@@ -51,7 +51,7 @@ def test_non_leaf_tensor_is_refused():
     with pytest.raises(ValueError, match="can't optimize a non-leaf Tensor"): fastopt.Adam([params()[0] * 2], lr=1e-3)
 
 BOOL_OPTIONS = [(n, k) for n in NAMES + ['Lion', 'ADOPT', 'ScheduleFreeAdamW', 'Muon']
-                for k,q in inspect.signature(getattr(fastopt, n)).parameters.items() if q.annotation in (bool, 'bool')]
+                for k,q in inspect.signature(getattr(fastopt, n)).parameters.items() if q.annotation in (bool, 'bool', 'bool | str')]
 
 @pytest.mark.parametrize('name,option', BOOL_OPTIONS, ids=[f'{n}-{k}' for n,k in BOOL_OPTIONS])
 @pytest.mark.parametrize('value', ['yes', 'no', 1, None])
