@@ -335,14 +335,15 @@ class _ShardBucket:
             else: self.state[k] = lay.empty(x, per_block=kind == 'scalar')
         self.bools = {k: [opt.state[p].get(k, True) for p in params] for k in bools}
         for k,vs in self.bools.items(): self.statics[k] = _dynamic_size(lay.per_block(vs, torch.float64) > 0)
-        self.sigs = [_shard_signature(p, opt.state[p], False, bools, set().union(*map(_cb_names, opt.cbs))) for p in params]
+        self.read = set().union(*map(_cb_names, opt.cbs))   # the names the callbacks read: fixed while this layout lives (`prepend_cb` forgets it)
+        self.sigs = [_shard_signature(p, opt.state[p], False, bools, self.read) for p in params]
         self._live = None
         _dynamic_size(self.p, self.g, *self.state.values(), *(getattr(lay, k) for k in _layout_tensors))
 
     def valid(self) -> bool:
         "Whether the parameters' state still has the kinds the flat buffers were laid out for"
         bools = set(self.bools)
-        if [_shard_signature(p, self.opt.state[p], False, bools, set().union(*map(_cb_names, self.opt.cbs))) for p in self.params] != self.sigs: return False
+        if [_shard_signature(p, self.opt.state[p], False, bools, self.read) for p in self.params] != self.sigs: return False   # no `inspect.signature` on every step
         return all([self.opt.state[p].get(k, True) for p in self.params] == vs for k,vs in self.bools.items())
 
     def attach_grads(self, skip:set):
