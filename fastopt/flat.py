@@ -9,7 +9,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves, tree_map
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from fastai.optimizer import _update
 try: from torch.distributed.tensor import DTensor, Replicate
@@ -213,21 +212,21 @@ def tensor_ndim(x:Tensor, layout:FlatLayout|None=None):
     return x.ndim if layout is None else layout.block_ndim
 
 # %% ../nbs/00a_flat.ipynb #8c95064f
-def _column(x) -> bool: return isinstance(x, Tensor) and x.ndim == 2 and x.shape[1] == 1 and x.is_floating_point()
-def _full(x) -> bool: return isinstance(x, Tensor) and x.ndim == 2 and x.shape[1] == BLOCK and x.is_floating_point()
-
 class ColumnsAsScalars(TorchFunctionMode):
     "Type promotion on flat buffers as on the tensors they hold: a float `[nblocks, 1]` column, one value per tensor, takes the dtype of the `[nblocks, BLOCK]` float operands it meets, as a 0-d tensor would"
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        leaves = tree_leaves((args, kwargs))
-        dtypes = {x.dtype for x in leaves if _full(x)}
-        if len(dtypes) == 1:
-            d = next(iter(dtypes))
-            if any(_column(x) and x.dtype != d for x in leaves):
-                args,kwargs = tree_map(lambda x: x.to(d) if _column(x) and x.dtype != d else x, (args, kwargs))
-        return func(*args, **kwargs)
-
+        if kwargs is None: kwargs = {}
+        if len(args) < 2 and not kwargs: return func(*args, **kwargs)   # attribute reads, unary ops: nothing to promote
+        d,mixed = None,False
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, Tensor) and x.ndim == 2 and x.is_floating_point():
+                if x.shape[1] == BLOCK:
+                    if d is not None and d != x.dtype: return func(*args, **kwargs)   # full operands of two dtypes: promote as usual
+                    d = x.dtype
+                elif x.shape[1] == 1: mixed = True
+        if d is None or not mixed: return func(*args, **kwargs)
+        cast = lambda x: x.to(d) if isinstance(x, Tensor) and x.ndim == 2 and x.shape[1] == 1 and x.dtype != d and x.is_floating_point() else x
+        return func(*map(cast, args), **{k: cast(v) for k,v in kwargs.items()})
 
 # %% ../nbs/00a_flat.ipynb #8faa868b
 def flat_group_step(
