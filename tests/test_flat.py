@@ -215,3 +215,13 @@ def test_dtensor_parameters_step_fused_on_their_shards():
         assert opt.fused and [type(b).__name__ for b in opt._flat[0].buckets.values()] == ['_ShardBucket'] and not opt._flat[0].unfit
         for p,q in zip(fused, eager): torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     finally: dist.destroy_process_group()
+
+def test_inductor_options_merge_over_the_flat_ones():
+    "The fused graphs get `flat_inductor_options` under the user's `inductor_options`; another backend gets the user's alone"
+    from fastopt.flat import flat_inductor_options, RealizeColumns
+    opt = fastopt.Adam([torch.zeros(3, requires_grad=True)], fused=True)
+    assert opt._compile_options() == flat_inductor_options and isinstance(opt._compile_options()['post_grad_custom_post_pass'], RealizeColumns)
+    opt.inductor_options = {'cpp.dynamic_threads': False, 'max_autotune': True}
+    assert opt._compile_options() == {**flat_inductor_options, 'cpp.dynamic_threads': False, 'max_autotune': True}
+    opt.fused_backend = 'aot_eager'
+    assert opt._compile_options() == {'cpp.dynamic_threads': False, 'max_autotune': True}
