@@ -252,13 +252,21 @@ def _shape_kind(n) -> str|None:
     if not isinstance(v, Tensor) or v.ndim != 2: return None
     return {1: 'column', BLOCK: 'full'}.get(v.shape[1]) if isinstance(v.shape[1], int) else None
 
+_costly = {'pow', 'exp', 'exp2', 'expm1', 'log', 'log1p', 'log2', 'log10', 'sqrt', 'rsqrt', 'tanh', 'sigmoid', 'erf', 'sin', 'cos', 'atan', 'atan2'}
+
+def _costly_column(n, seen:set) -> bool:
+    "Whether column node `n` computes, through the pointwise column nodes before it, a transcendental function or a power"
+    if n in seen or n.op != 'call_function' or torch.Tag.pointwise not in getattr(n.target, 'tags', ()) or _shape_kind(n) != 'column': return False
+    seen.add(n)
+    if n.target._opname in _costly: return True
+    return any(_costly_column(a, seen) for a in n.all_input_nodes)
+
 class RealizeColumns(CustomGraphPass):
-    "Inductor pass: store each pointwise `[nblocks, 1]` value that `[nblocks, BLOCK]` values use, so it is computed once per block, not in every vector"
+    "Inductor pass: store each `[nblocks, 1]` value that costs a power or a transcendental function and that `[nblocks, BLOCK]` values use, so it is computed once per block, not in every vector"
     def __call__(self, graph):
         for n in graph.nodes:
-            if n.op != 'call_function' or torch.Tag.pointwise not in getattr(n.target, 'tags', ()): continue
-            if _shape_kind(n) == 'column' and any(_shape_kind(u) == 'full' for u in n.users): n.meta['inductor_realize_to_strides'] = True
-    def uuid(self): return f'fastopt-realize-columns-{BLOCK}-v1'   # part of inductor's cache key
+            if any(_shape_kind(u) == 'full' for u in n.users) and _costly_column(n, set()): n.meta['inductor_realize_to_strides'] = True
+    def uuid(self): return f'fastopt-realize-columns-{BLOCK}-v2'   # part of inductor's cache key
 
 flat_inductor_options = {'cpp.dynamic_threads': True, 'post_grad_custom_post_pass': RealizeColumns()}  # what the fused path gives inductor
 

@@ -219,7 +219,7 @@ def test_dtensor_parameters_step_fused_on_their_shards():
 def test_inductor_options_merge_over_the_flat_ones():
     "The fused graphs get `flat_inductor_options` under the user's `inductor_options`; another backend gets the user's alone"
     from fastopt.flat import flat_inductor_options, RealizeColumns
-    opt = fastopt.Adam([torch.zeros(3, requires_grad=True)], fused=True)
+    opt = fastopt.Adam([torch.zeros(3, requires_grad=True)], lr=1e-3, fused=True)
     assert opt._compile_options() == flat_inductor_options and isinstance(opt._compile_options()['post_grad_custom_post_pass'], RealizeColumns)
     opt.inductor_options = {'cpp.dynamic_threads': False, 'max_autotune': True}
     assert opt._compile_options() == {**flat_inductor_options, 'cpp.dynamic_threads': False, 'max_autotune': True}
