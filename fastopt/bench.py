@@ -237,8 +237,11 @@ def _peer_steps(set_shapes, steps):
     rows = []
     for name,make in res:
         ps = make_params(set_shapes)
-        opt = make(ps)
-        step = opt.step if name.startswith('heavyball') else torch.compile(opt.step)
+        opt,grads = make(ps),[p.grad for p in ps]
+        opt_step = opt.step if name.startswith('heavyball') else torch.compile(opt.step)
+        def step():   # HeavyBall sets every `.grad` to None after its step: without them again, a step does nothing
+            for p,g in zip(ps, grads): p.grad = g
+            opt_step()
         start = time.perf_counter(); step(); first = time.perf_counter() - start
         rows.append(dict(peer=name, first_step_s=first, step_ms=1e3 * median_seconds(step, steps)))
     return rows

@@ -77,7 +77,8 @@ def softplus(
 ) -> Tensor:
     "softplus_β(`x`) = log(1 + exp(β`x`))/β, or `x` itself when `beta` is 0"
     if not beta: return x
-    return x.clamp_min(0) + torch.log1p(torch.exp(-beta * x.abs())) / beta
+    z = beta * x.abs()   # for x > 0 and βx > 40 the log1p term is under 1e-19 of x, below float64's rounding: capping βx there changes nothing and keeps exp and log1p off their slow paths
+    return x.clamp_min(0) + torch.log1p(torch.exp(-torch.where(x > 0, z.clamp_max(40.), z))) / beta
 
 positive_beta = (lambda v: 0 < real(v) < math.inf, '0 < beta < inf: the softplus replaces eps, so it cannot be turned off')
 
@@ -373,6 +374,15 @@ class _ShardBucket:
             elif kind == 'scalar':
                 for v,p in zip(lay.scalar_views(self.state[k]), self.params): _local(self.opt.state[p][k]).copy_(v)
 
+def _chunks(params:list, limit:int) -> list:
+    "`params` in order, cut into runs whose flat buffers hold at most `limit` bytes each (a larger parameter alone)"
+    res,size = [[]],0
+    for p in params:
+        n = -(-p.numel() // BLOCK) * BLOCK * p.element_size()
+        if res[-1] and size + n > limit: res,size = res + [[]],0
+        res[-1].append(p); size += n
+    return res
+
 class _GroupLayouts:
     "A group's parameters that step fused, bucketed by device, dtype and state signature"
     def __init__(self, opt, params:list):
@@ -386,7 +396,11 @@ class _GroupLayouts:
             else: sig = _signature(p, opt.state[p], channels, bools, read) or _shard_signature(p, opt.state[p], channels, bools, read)
             if sig is None: self.unfit.add(id(p))
             else: by.setdefault(sig, []).append(p)
-        self.buckets = {k: _ShardBucket(opt, ps, k[4], bools) if k[0] == 'shards' else _Bucket(opt, ps, k[2], channels, bools) for k,ps in by.items()}
+        self.buckets = {}   # (signature..., chunk): a bucket; the chunks of one signature share one compiled graph
+        for k,ps in by.items():
+            if k[0] == 'shards': self.buckets[k + (0,)] = _ShardBucket(opt, ps, k[4], bools)
+            else:
+                for i,c in enumerate(_chunks(ps, opt.fused_chunk_bytes)): self.buckets[k + (i,)] = _Bucket(opt, c, k[2], channels, bools)
         self.ids = {id(p) for b in self.buckets.values() for p in b.params}
 
     def valid(self, opt) -> bool: return all(b.valid() for b in self.buckets.values())
@@ -409,7 +423,8 @@ class Optimizer(fastai.optimizer.Optimizer):
         self.fused,self._fns,self._hyper_tensors,self._seen,self._flat = check_bool('fused', fused, also=('auto',)),{},{},set(),{}
 
     fused_backend = 'inductor' # The `torch.compile` backend of the fused path
-    inductor_options = None # Options for inductor
+    inductor_options = None # Options for inductor, over `flat_inductor_options`
+    fused_chunk_bytes = 30 * 2**20 # A fused bucket's flat buffers hold at most this many bytes each (see `_chunks`)
     auto_fuse_numel = 2**20 # `fused='auto'` fuses a group once its parameters hold this many values
 
     def set_hyper(self, k, v):
@@ -474,7 +489,7 @@ class Optimizer(fastai.optimizer.Optimizer):
         if eager: self._run(group_step, eager, hyper)
         self._seen.update(map(id, eager))
         skip = set(map(id, eager))
-        for key,b in flat.buckets.items(): self._run_flat((group,) + key, b, hyper, skip)
+        for key,b in flat.buckets.items(): self._run_flat((group,) + key[:-1], b, hyper, skip)
 
     @torch.no_grad()
     def _run(self, fn, params, hyper):
@@ -492,7 +507,7 @@ class Optimizer(fastai.optimizer.Optimizer):
             if not _dynamic(k, v): args[k] = v; continue
             if k not in tensors: tensors[k] = torch.zeros((), dtype=_scalar_dtype(device), device=device)
             args[k] = tensors[k].fill_(v)
-        if key not in self._fns: self._fns[key] = compiled_step(flat_group_step, self.fused_backend, self.inductor_options)
+        if key not in self._fns: self._fns[key] = compiled_step(flat_group_step, self.fused_backend, self._compile_options())
         todo = [p for p in b.params if p.grad is not None and id(p) not in skip]
         if self.fused is False: return self._run(group_step, todo, hyper)
         try:
@@ -512,6 +527,11 @@ class Optimizer(fastai.optimizer.Optimizer):
             if p.grad.grad_fn is not None: p.grad.detach_()
             else: p.grad.requires_grad_(False)
             p.grad.zero_()
+
+    def _compile_options(self) -> dict|None:
+        "The inductor options of the fused graphs: `flat_inductor_options` under `inductor_options`; other backends get `inductor_options` alone"
+        if self.fused_backend != 'inductor': return self.inductor_options
+        return {**flat_inductor_options, **(self.inductor_options or {})}
 
     def _forget_layouts(self): self._flat = {}
 
@@ -582,10 +602,6 @@ momentum_stats = [partial(average_grad, dampening=True), step_count]
 adam_stats = [partial(average_grad, dampening=True), average_sqr_grad, step_count]
 
 # %% ../nbs/00_core.ipynb #74101171
-def _scalar_for(c, x:Tensor):
-    "`c` as a 0-d scalar acts on `x` in eager arithmetic: a per-block column of the flat path (from float64 step counts) cast to `x`'s dtype, anything else as it is"
-    return c.to(x.dtype) if isinstance(c, Tensor) and c.ndim == 2 and c.shape[1] == 1 and c.dtype != x.dtype else c
-
 def debiased_step(
     p:Tensor, # The parameter
     lr, # η: a number, or a tensor that broadcasts against `p` (a rate per channel)
@@ -595,7 +611,7 @@ def debiased_step(
     denom=1., # The denominator: a number or a tensor that broadcasts against `p`
 ):
     "Move `p` by `lr` times the bias-corrected `grad_avg` over `denom`: p ← p - η·m̂_t/denom; return the change"
-    update = (grad_avg / _scalar_for(denom, grad_avg)).mul_(_scalar_for(lr / bias_correction(mom, step), grad_avg))
+    update = (grad_avg / denom).mul_(lr / bias_correction(mom, step))
     p.data.sub_(update)
     return update
 
@@ -607,7 +623,7 @@ def adam_denom(
     eps, # ε
 ) -> Tensor:
     "Adam's denominator √v̂_t + ε, with v̂_t = v_t / (1 - β2^t)"
-    return (sqr_avg / _scalar_for(bias_correction(sqr_mom, step), sqr_avg)).sqrt_().add_(eps)
+    return (sqr_avg / bias_correction(sqr_mom, step)).sqrt_().add_(eps)
 
 def rms(x:Tensor, layout=None) -> Tensor:
     "Root mean square of all of `x` (each tensor's, on a flat `layout`)"

@@ -8,13 +8,15 @@ import math
 from typing import Sequence
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from fastai.optimizer import _update
 try: from torch.distributed.tensor import DTensor, Replicate
 except ImportError: DTensor = None   # a torch built without distributed
 
 # %% auto #0
-__all__ = ['BLOCK', 'channel_aligned', 'FlatLayout', 'tensor_sum', 'tensor_mean', 'tensor_norm', 'channel_sum', 'channel_mean',
-           'tensor_ndim', 'flat_group_step']
+__all__ = ['BLOCK', 'flat_inductor_options', 'channel_aligned', 'FlatLayout', 'tensor_sum', 'tensor_mean', 'tensor_norm',
+           'channel_sum', 'channel_mean', 'tensor_ndim', 'ColumnsAsScalars', 'flat_group_step', 'RealizeColumns']
 
 # %% ../nbs/00a_flat.ipynb #861552a5
 BLOCK = 64 # Elements per block: every tensor starts on a block boundary; per-tensor values are one value per block
@@ -32,6 +34,8 @@ def channel_aligned(
     return _row(p) % BLOCK == 0 and p.stride(0) == _row(p)
 
 # %% ../nbs/00a_flat.ipynb #44a2f160
+def _block_sum_dtype(x:Tensor): return torch.float64 if x.dtype == torch.float64 else torch.float32
+
 class FlatLayout:
     "Where each of `tensors` lives in flat `[nblocks, BLOCK]` buffers: block-aligned segments, and what the reduction helpers need to reduce per tensor or per output channel"
     def __init__(self,
@@ -136,15 +140,16 @@ class FlatLayout:
 
     def valid(self) -> Tensor:
         "`[nblocks, BLOCK]` mask: True on elements of tensors, False on padding"
-        return torch.arange(BLOCK, device=self.block_valid.device) < self.block_valid
+        return torch.arange(BLOCK, dtype=torch.int32, device=self.block_valid.device) < self.block_valid   # int32 like `block_valid`: no int64 vectors
 
     def sum_segments(self, xs:Sequence[Tensor], channels:bool=False) -> list:
         "Sums of each of `xs` (flat buffers) per tensor (or per channel), each spread back to `[nblocks, 1]` in its dtype"
         if channels and not self.channels: raise ValueError("this layout has no channel segments: make it with channels=True")
         seg = self.block_channel if channels else self.block_tensor
         valid = self.valid()
-        parts = torch.stack([torch.where(valid, x, 0).sum(1, dtype=torch.float64) for x in xs])   # [k, nblocks]
-        sums = torch.zeros(len(xs), (self.channel_numel if channels else self.tensor_numel).shape[0], dtype=torch.float64, device=parts.device).index_add_(1, seg, parts)
+        parts = torch.stack([torch.where(valid, x, 0).sum(1, dtype=_block_sum_dtype(x)).double() for x in xs])   # [k, nblocks]: 64 values in float32, the block sums in float64
+        n = (self.channel_numel if channels else self.tensor_numel).shape[0]   # `scatter_reduce_` runs as ATen's serial kernel on the CPU; inductor's `index_add_` takes an atomic add per block
+        sums = torch.zeros(len(xs), n, dtype=torch.float64, device=parts.device).scatter_reduce_(1, seg.expand(len(xs), -1), parts, 'sum')
         if not channels: sums = self.reduce(sums)
         return [s[seg].view(-1, 1).to(x.dtype) for s,x in zip(sums, xs)]
 
@@ -206,6 +211,23 @@ def tensor_ndim(x:Tensor, layout:FlatLayout|None=None):
     "`x.ndim`, or on a flat `layout` the ndim of each block's tensor (`[nblocks, 1]` int32)"
     return x.ndim if layout is None else layout.block_ndim
 
+# %% ../nbs/00a_flat.ipynb #8c95064f
+class ColumnsAsScalars(TorchFunctionMode):
+    "Type promotion on flat buffers as on the tensors they hold: a float `[nblocks, 1]` column, one value per tensor, takes the dtype of the `[nblocks, BLOCK]` float operands it meets, as a 0-d tensor would"
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if kwargs is None: kwargs = {}
+        if len(args) < 2 and not kwargs: return func(*args, **kwargs)   # attribute reads, unary ops: nothing to promote
+        d,mixed = None,False
+        for x in (*args, *kwargs.values()):
+            if isinstance(x, Tensor) and x.ndim == 2 and x.is_floating_point():
+                if x.shape[1] == BLOCK:
+                    if d is not None and d != x.dtype: return func(*args, **kwargs)   # full operands of two dtypes: promote as usual
+                    d = x.dtype
+                elif x.shape[1] == 1: mixed = True
+        if d is None or not mixed: return func(*args, **kwargs)
+        cast = lambda x: x.to(d) if isinstance(x, Tensor) and x.ndim == 2 and x.shape[1] == 1 and x.dtype != d and x.is_floating_point() else x
+        return func(*map(cast, args), **{k: cast(v) for k,v in kwargs.items()})
+
 # %% ../nbs/00a_flat.ipynb #8faa868b
 def flat_group_step(
     cbs:list, # The optimizer's stats and steppers
@@ -215,11 +237,36 @@ def flat_group_step(
     layout:FlatLayout, # Where each tensor lives; the callbacks get it as `layout`
     live:Tensor, # `[nblocks, 1]` bool: the blocks of tensors that have a gradient this step
 ):
-    "Run `cbs` once on the flat buffers; write back only the live blocks' elements, so other tensors and the padding stay as they were"
-    keep,old_p,old_g = live & layout.valid(),p.clone(),p.grad.clone()
-    old = {k: v.clone() for k,v in state.items()}
+    "Run `cbs` once on the flat buffers, columns promoting like 0-d tensors; write back the parameter and state of the live blocks only, so tensors without a gradient stay as they were"
+    old_p,old = p.clone(),{k: v.clone() for k,v in state.items()}
     st = dict(state)
-    for cb in cbs: st = _update(st, cb(p, **{**st, **hyper, 'layout': layout}))
-    p.copy_(torch.where(keep, p, old_p))
-    p.grad.copy_(torch.where(keep, p.grad, old_g))
-    for k,v in state.items(): v.copy_(torch.where(keep if v.shape[1] == BLOCK else live, st[k], old[k]))
+    with ColumnsAsScalars():
+        for cb in cbs: st = _update(st, cb(p, **{**st, **hyper, 'layout': layout}))
+    p.copy_(torch.where(live, p, old_p))
+    for k,v in state.items(): v.copy_(torch.where(live, st[k], old[k]))
+
+# %% ../nbs/00a_flat.ipynb #3351d425
+def _shape_kind(n) -> str|None:
+    "'column' for an FX node whose value is `[n, 1]`, 'full' for `[n, BLOCK]`"
+    v = n.meta.get('val')
+    if not isinstance(v, Tensor) or v.ndim != 2: return None
+    return {1: 'column', BLOCK: 'full'}.get(v.shape[1]) if isinstance(v.shape[1], int) else None
+
+_costly = {'pow', 'exp', 'exp2', 'expm1', 'log', 'log1p', 'log2', 'log10', 'sqrt', 'rsqrt', 'tanh', 'sigmoid', 'erf', 'sin', 'cos', 'atan', 'atan2'}
+
+def _costly_column(n, seen:set) -> bool:
+    "Whether column node `n` computes, through the pointwise column nodes before it, a transcendental function or a power"
+    if n in seen or n.op != 'call_function' or torch.Tag.pointwise not in getattr(n.target, 'tags', ()) or _shape_kind(n) != 'column': return False
+    seen.add(n)
+    if n.target._opname in _costly: return True
+    return any(_costly_column(a, seen) for a in n.all_input_nodes)
+
+class RealizeColumns(CustomGraphPass):
+    "Inductor pass: store each `[nblocks, 1]` value that costs a power or a transcendental function and that `[nblocks, BLOCK]` values use, so it is computed once per block, not in every vector"
+    def __call__(self, graph):
+        for n in graph.nodes:
+            if any(_shape_kind(u) == 'full' for u in n.users) and _costly_column(n, set()): n.meta['inductor_realize_to_strides'] = True
+    def uuid(self): return f'fastopt-realize-columns-{BLOCK}-v2'   # part of inductor's cache key
+
+flat_inductor_options = {'cpp.dynamic_threads': True, 'post_grad_custom_post_pass': RealizeColumns()}  # what the fused path gives inductor
+

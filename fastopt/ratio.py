@@ -59,7 +59,7 @@ def DuvAdam(
 def sign_grad(p, **kwargs):
     "Replace the gradient, in place, by its sign; NaN stays NaN (torch's `sign` makes it 0)"
     g = p.grad
-    g.copy_(torch.where(g.isnan(), g, g.sign()))
+    g.copy_(torch.where(g != g, g, g.sign()))   # g != g: NaN; unlike `isnan`, a compare inductor vectorises
 
 # %% ../nbs/06_ratio.ipynb #efe6ec27
 def su_adam_step(p, lr, mom, sqr_mom, step, grad_avg, ratio_avg, layout=None, **kwargs):
@@ -91,7 +91,7 @@ def phi_avg_stat(p, sqr_mom, prev_grad=None, prev_update=None, phi_avg=None, lay
     "BAdam's v_t: average Φ = (g - g_prev)/sign_clamp(u_prev, mean|u_prev|) into `phi_avg`; Φ = 0 where that is not finite"
     if phi_avg is None: return {'phi_avg': torch.zeros_like(p.grad)}   # t = 1: no previous step
     phi = (p.grad - prev_grad) / sign_clamp(prev_update, tensor_mean(prev_update.abs(), layout=layout))
-    phi = torch.where(phi.isfinite(), phi, 0.)
+    phi = torch.where(phi.abs() < math.inf, phi, 0.)   # finite; unlike `isfinite`, a compare inductor vectorises
     phi_avg.mul_(sqr_mom).add_(phi, alpha=1 - sqr_mom)
     return {'phi_avg': phi_avg}
 

@@ -60,16 +60,16 @@ def rectified_step(
     step:Tensor, # t
     grad_avg:Tensor, # m_t
     on:Tensor, # Whether step t is rectified, from `rectifier`
-    scale:Tensor, # The factor applied to η·m̂_t on rectified steps
+    denom:Tensor, # What η·m̂_t is divided by on rectified steps
 ):
-    "p ← p - η·m̂_t·`scale` where `on`, p ← p - η·m̂_t elsewhere"
-    debiased_step(p, lr, mom, step, grad_avg, torch.where(on, scale, 1.).reciprocal_())
+    "p ← p - η·m̂_t/`denom` where `on`, p ← p - η·m̂_t elsewhere"
+    debiased_step(p, lr, mom, step, grad_avg, torch.where(on, denom, 1.))
 
 # %% ../nbs/02_rectified.ipynb #bd2f4db1
 def radam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, beta, rho_min, **kwargs):
     "Move `p` by RAdam's step: rectified Adam where ρ_t > `rho_min`, bias-corrected momentum before"
     on,r = rectifier(sqr_mom, step, rho_min)
-    rectified_step(p, lr, mom, step, grad_avg, on, r / softplus(adam_denom(sqr_avg, sqr_mom, step, eps), beta))
+    rectified_step(p, lr, mom, step, grad_avg, on, softplus(adam_denom(sqr_avg, sqr_mom, step, eps), beta) / r)
 
 rho_min_rule = (lambda v: 4 <= real(v) < math.inf, '4 <= rho_min < inf: r_t is undefined for rho_t <= 4')
 radam_step.defaults = dict(eps=1e-5, beta=0., rho_min=5.)
@@ -119,7 +119,7 @@ def SAdam(
 def sradam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, beta, rho_min, **kwargs):
     "Move `p` by SRAdam's step: m̂_t over softplus_β(√v̂_t/r_t) where ρ_t > `rho_min`, momentum before"
     on,r = rectifier(sqr_mom, step, rho_min)
-    rectified_step(p, lr, mom, step, grad_avg, on, softplus(adam_denom(sqr_avg, sqr_mom, step, 0.) / r, beta).reciprocal_())
+    rectified_step(p, lr, mom, step, grad_avg, on, softplus(adam_denom(sqr_avg, sqr_mom, step, 0.) / r, beta))
 
 sradam_step.defaults = dict(beta=50., rho_min=4.)
 sradam_step.hyper_rules = dict(beta=positive_beta, rho_min=rho_min_rule)

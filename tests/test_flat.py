@@ -145,6 +145,38 @@ def test_stat_returning_a_fresh_tensor_and_a_new_group():
     assert opt.fused and len(opt._flat) == 2 and in_buffers(opt)
     for p,q in zip(fused, eager): torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
+def test_a_group_cut_into_chunks_steps_like_one():
+    "A group larger than `fused_chunk_bytes` is cut between parameters into buckets that run one compiled graph; per-tensor reductions (Lamb) and resume are unchanged"
+    def go(fused, chunk, steps=5):
+        m = model()
+        opt = fastopt.Lamb(list(m.parameters()), lr=1e-2, fused=fused)
+        opt.fused_chunk_bytes = chunk
+        x, y = data()
+        for _ in range(steps):
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step(); opt.zero_grad()
+        return m, opt
+    torch._dynamo.reset(); counters.clear()
+    fm, fopt = go(True, 2048)   # the conv weight (512 values, 2 KiB) alone, the BN and linear tensors split over the rest
+    assert fopt.fused and len(fopt._flat[0].buckets) >= 3 and in_buffers(fopt), list(fopt._flat[0].buckets)
+    assert {k[:-1] for k in fopt._flat[0].buckets} == {next(iter(fopt._flat[0].buckets))[:-1]} and len(fopt._fns) == 1, 'the chunks should share one graph'
+    assert not counters['recompiles'], dict(counters['recompiles'])
+    em, eopt = go(False, 2048)
+    for p,q in zip(fm.parameters(), em.parameters()): torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    um, uopt = go(True, 2**24)
+    assert len(uopt._flat[0].buckets) == 1
+    for p,q in zip(fm.parameters(), um.parameters()): assert torch.equal(p, q), 'chunking changed the arithmetic'
+    sd = fopt.state_dict()
+    for s,t in zip(sd['state'], eopt.state_dict()['state']):
+        for k in s: torch.testing.assert_close(s[k], t[k], rtol=1e-5, atol=1e-6)
+
+def test_chunks_cut_between_parameters():
+    from fastopt.core import _chunks
+    ps = [torch.zeros(100), torch.zeros(10), torch.zeros(3000), torch.zeros(1)]   # 128, 64, 3008 and 64 values in blocks
+    test = [[len(c) for c in _chunks(ps, limit)] for limit in (4 * 192, 4 * 191, 4 * 10**6)]
+    assert test == [[2, 1, 1], [1, 1, 1, 1], [4]], test
+    assert [len(c) for c in _chunks([torch.zeros(5, dtype=torch.float64) for _ in range(3)], 8 * 128)] == [2, 1], 'bytes, not values: a float64 block takes 512'
+
 def test_one_graph_serves_models_of_any_size():
     "Sizes are dynamic: a second optimizer over more, differently shaped tensors reuses the compiled graph (no new inductor compile)"
     def steps(shapes):
@@ -183,3 +215,13 @@ def test_dtensor_parameters_step_fused_on_their_shards():
         assert opt.fused and [type(b).__name__ for b in opt._flat[0].buckets.values()] == ['_ShardBucket'] and not opt._flat[0].unfit
         for p,q in zip(fused, eager): torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     finally: dist.destroy_process_group()
+
+def test_inductor_options_merge_over_the_flat_ones():
+    "The fused graphs get `flat_inductor_options` under the user's `inductor_options`; another backend gets the user's alone"
+    from fastopt.flat import flat_inductor_options, RealizeColumns
+    opt = fastopt.Adam([torch.zeros(3, requires_grad=True)], lr=1e-3, fused=True)
+    assert opt._compile_options() == flat_inductor_options and isinstance(opt._compile_options()['post_grad_custom_post_pass'], RealizeColumns)
+    opt.inductor_options = {'cpp.dynamic_threads': False, 'max_autotune': True}
+    assert opt._compile_options() == {**flat_inductor_options, 'cpp.dynamic_threads': False, 'max_autotune': True}
+    opt.fused_backend = 'aot_eager'
+    assert opt._compile_options() == {'cpp.dynamic_threads': False, 'max_autotune': True}
