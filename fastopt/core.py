@@ -242,7 +242,7 @@ def _signature(p:Tensor, state:dict, channels:bool, bools:set, read:set):
         kinds.append((k,) + kd)
     return (p.device, p.dtype, tuple(kinds))
 
-_layout_tensors = ('block_tensor', 'block_valid', 'block_ndim', 'tensor_numel', 'block_channel', 'channel_numel')
+_layout_tensors = ('block_tensor', 'block_valid', 'tensor_ndim', 'tensor_first_block', 'tensor_numel', 'block_channel', 'channel_numel')
 
 class _Bucket:
     "Parameters of one group, device, dtype and state signature, re-pointed into flat buffers"
@@ -255,6 +255,7 @@ class _Bucket:
         self.grads = lay.views(self.g)
         self.p.grad = self.g
         self.state,self.statics,self.views = {},{},{}
+        self.per_tensor = tuple(k for k,kind,x in kinds if kind == 'scalar')
         for k,kind,x in kinds:
             vals = [opt.state[p][k] for p in params]
             if kind == 'static': self.statics[k] = x; continue
@@ -331,6 +332,7 @@ class _ShardBucket:
         self.p,self.g = lay.empty(),lay.empty()
         self.p.grad = self.g
         self.state,self.statics = {},{}
+        self.per_tensor = tuple(k for k,kind,x in kinds if kind == 'scalar')
         for k,kind,x in kinds:
             if kind == 'static': self.statics[k] = x
             else: self.state[k] = lay.empty(x, per_block=kind == 'scalar')
@@ -512,7 +514,7 @@ class Optimizer(fastai.optimizer.Optimizer):
         if self.fused is False: return self._run(group_step, todo, hyper)
         try:
             cbs = [flat_versions.get(cb, cb) for cb in self.cbs] if b.bools else self.cbs   # do_wd as a mask needs the mask-reading versions
-            with _no_duck_shapes(): self._fns[key](cbs, b.p, b.state, args, b.layout, live)
+            with _no_duck_shapes(): self._fns[key](cbs, b.p, b.state, args, b.layout, live, b.per_tensor)
             if isinstance(b, _ShardBucket): b.copy_back()
         except Exception as e:
             warnings.warn(f"fastopt: the fused step failed to compile ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
