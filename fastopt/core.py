@@ -71,14 +71,39 @@ def check_bool(
 static_hypers = {'wd', 'beta'}
 
 # %% ../nbs/00_core.ipynb #d961247b
+_ln2_hi,_ln2_lo = 0.693359375, -2.12194440e-4   # ln 2 in two parts, the first with few enough bits that n·hi is exact in float32 for n ≤ 126 (Cody and Waite's reduction)
+
+def _exp_neg_f32(
+    z:Tensor, # float32, z ≥ 0
+) -> Tensor:
+    "e^-`z` to about an ulp in plain arithmetic a compiled kernel keeps in vector registers: z = n·ln 2 - r with |r| ≤ ln(2)/2, e^r by its Taylor series to r^7, 2^-n built from its exponent bits; 0 where z ≥ 87"
+    zc = z.clamp_max(87.)
+    n = torch.round(zc * (1 / math.log(2)))
+    r = (n * _ln2_hi - zc) + n * _ln2_lo
+    e = r * (1 / 5040) + 1 / 720
+    for k in (120, 24, 6, 2, 1, 1): e = e * r + 1 / k
+    return torch.where(z < 87., e * ((127 - n.to(torch.int32)) << 23).view(torch.float32), 0.)
+
+def _log1p_unit_f32(
+    u:Tensor, # float32, 0 ≤ u ≤ 1
+) -> Tensor:
+    "log(1 + `u`) to a few ulps: 2·atanh(s) with s = u/(2 + u) ≤ 1/3, by its series to s^13"
+    s = u / (u + 2)
+    s2 = s * s
+    q = s2 * (1 / 13) + 1 / 11
+    for k in (9, 7, 5, 3, 1): q = q * s2 + 1 / k
+    return 2 * s * q
+
 def softplus(
     x:Tensor, # A denominator
     beta, # β; 0 leaves `x` unchanged
 ) -> Tensor:
     "softplus_β(`x`) = log(1 + exp(β`x`))/β, or `x` itself when `beta` is 0"
     if not beta: return x
-    z = beta * x.abs()   # for x > 0 and βx > 40 the log1p term is under 1e-19 of x, below float64's rounding: capping βx there changes nothing and keeps exp and log1p off their slow paths
-    return x.clamp_min(0) + torch.log1p(torch.exp(-torch.where(x > 0, z.clamp_max(40.), z))) / beta
+    z = beta * x.abs()   # where x > 0 and βx is over the cap, the log term is under 1e-19 (float64) or 1e-10 (narrower) of x, below rounding: the cap changes no result and keeps exp and log1p clear of subnormal numbers, which are slow
+    z = torch.where(x > 0, z.clamp_max(40. if x.dtype == torch.float64 else 20.), z)
+    if x.dtype == torch.float32 and torch.compiler.is_compiling(): return x.clamp_min(0) + _log1p_unit_f32(_exp_neg_f32(z)) / beta
+    return x.clamp_min(0) + torch.log1p(torch.exp(-z)) / beta
 
 positive_beta = (lambda v: 0 < real(v) < math.inf, '0 < beta < inf: the softplus replaces eps, so it cannot be turned off')
 
