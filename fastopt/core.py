@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #21711f0c
 from __future__ import annotations
-import copy, inspect, math, numbers, types, warnings
+import contextlib, copy, inspect, math, numbers, types, warnings
 from collections import defaultdict
 from functools import partial
 from typing import Callable, Iterable, MutableSequence
@@ -200,9 +200,10 @@ def compiled_step(fn:Callable, backend='inductor', options:dict|None=None) -> Ca
     return torch.compile(types.FunctionType(code, fn.__globals__, f'fused_{fn.__name__}'),
                          fullgraph=True, dynamic=False, backend=backend, options=options)
 
-def _no_duck_shapes():
-    "Keep sizes that happen to be equal (blocks, tensors, channels) apart, so one graph serves every model"
-    return torch.fx.experimental._config.patch(use_duck_shape=False)
+@contextlib.contextmanager
+def _trace_config():
+    "How the fused graphs are traced: sizes that happen to be equal (blocks, tensors, channels) kept apart, so one graph serves every model; Python floats (the static hypers) as constants, which dynamo would otherwise trace as symbols and then restart without"
+    with torch.fx.experimental._config.patch(use_duck_shape=False), torch._dynamo.config.patch(specialize_float=True): yield
 
 def _dynamic_size(*ts):
     "Mark dim 0 of `ts` dynamic; return the first"
@@ -528,24 +529,29 @@ class Optimizer(fastai.optimizer.Optimizer):
         live = b.attach_grads(skip)
         if live is None: return
         device = b.layout.device
-        tensors = self._hyper_tensors.setdefault((key[0], device), {})
-        args = dict(b.statics)
-        for k,v in hyper.items():
-            if not _dynamic(k, v): args[k] = v; continue
-            if k not in tensors: tensors[k] = torch.zeros((), dtype=_scalar_dtype(device), device=device)
-            args[k] = tensors[k].fill_(v)
+        args = {**b.statics, **{k: v for k,v in hyper.items() if not _dynamic(k, v)}}
+        names = tuple(k for k,v in hyper.items() if _dynamic(k, v))
+        values = self._hyper_values(key[0], device, [hyper[k] for k in names])
         if key not in self._fns: self._fns[key] = compiled_step(flat_group_step, self.fused_backend, self._compile_options())
         todo = [p for p in b.params if p.grad is not None and id(p) not in skip]
         if self.fused is False: return self._run(group_step, todo, hyper)
         try:
             cbs = [flat_versions.get(cb, cb) for cb in self.cbs] if b.bools else self.cbs   # do_wd as a mask needs the mask-reading versions
-            with _no_duck_shapes(): self._fns[key](cbs, b.p, b.state, args, b.layout, live, b.per_tensor)
+            with _trace_config(): self._fns[key](cbs, b.p, b.state, args, b.layout, live, b.per_tensor, names, values)
             if isinstance(b, _ShardBucket): b.copy_back()
         except Exception as e:
             warnings.warn(f"fastopt: the fused step failed to compile ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                           "this optimizer steps eagerly from now on. Pass fused=False to choose that yourself.")
             self.fused = False
             self._run(group_step, todo, hyper)
+
+    def _hyper_values(self, group:int, device, values:list) -> Tensor:
+        "The values of a group's dynamic hypers for its fused graphs: one float64 vector per group and device, refreshed in place every step"
+        new = torch.tensor(values, dtype=_scalar_dtype(device))
+        v = self._hyper_tensors.get((group, device))
+        if v is None or v.shape != new.shape: v = self._hyper_tensors[(group, device)] = new.to(device)
+        else: v.copy_(new)
+        return v
 
     def zero_grad(self):
         "Zero every gradient in place, as fastai does, without fastai's `detach_`, which fails on DDP's bucket views"

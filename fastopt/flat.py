@@ -260,9 +260,12 @@ def flat_group_step(
     layout:FlatLayout, # Where each tensor lives; the callbacks get it as `layout`
     live:Tensor, # `[nblocks, 1]` bool: the blocks of tensors that have a gradient this step
     per_tensor:tuple=(), # The keys of `state` that hold one value per tensor (step counts): the callbacks get them as `[ntensors, 1, 1]`
+    scalar_hypers:tuple=(), # Names of hypers given as the elements of `scalar_values` (the callbacks get them as 0-d tensors)
+    scalar_values:Tensor|None=None, # A float64 vector: one input for all of them (each 0-d CPU float64 input makes dynamo trace the graph twice)
 ):
     "Run `cbs` once on the flat buffers, per-tensor values spread and promoting like 0-d tensors; write back the parameter and state of the live blocks only, so tensors without a gradient stay as they were"
     old_p,old = p.clone(),{k: v.clone() for k,v in state.items()}
+    hyper = {**hyper, **{k: scalar_values[i] for i,k in enumerate(scalar_hypers)}}
     st = {**state, **{k: state[k][layout.tensor_first_block].view(-1, 1, 1) for k in per_tensor}}
     with ColumnsAsScalars(layout):
         for cb in cbs: st = _update(st, cb(p, **{**st, **hyper, 'layout': layout}))
@@ -302,4 +305,4 @@ class RealizeColumns(CustomGraphPass):
             if _feeds_larger(n) and _costly_value(n, _shape_kind(n), set()): n.meta['inductor_realize_to_strides'] = True
     def uuid(self): return f'fastopt-realize-columns-{BLOCK}-v3'   # part of inductor's cache key
 
-flat_inductor_options = {'cpp.dynamic_threads': True, 'post_grad_custom_post_pass': RealizeColumns()}  # what the fused path gives inductor
+flat_inductor_options = {'cpp.dynamic_threads': True, 'cpp.enable_loop_tail_vec': False, 'post_grad_custom_post_pass': RealizeColumns()}  # what the fused path gives inductor
