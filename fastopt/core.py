@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #21711f0c
 from __future__ import annotations
-import copy, inspect, math, numbers, types, warnings
+import contextlib, copy, inspect, math, numbers, types, warnings
 from collections import defaultdict
 from functools import partial
 from typing import Callable, Iterable, MutableSequence
@@ -71,14 +71,39 @@ def check_bool(
 static_hypers = {'wd', 'beta'}
 
 # %% ../nbs/00_core.ipynb #d961247b
+_ln2_hi,_ln2_lo = 0.693359375, -2.12194440e-4   # ln 2 in two parts, the first with few enough bits that n·hi is exact in float32 for n ≤ 126 (Cody and Waite's reduction)
+
+def _exp_neg_f32(
+    z:Tensor, # float32, z ≥ 0
+) -> Tensor:
+    "e^-`z` to about an ulp in plain arithmetic a compiled kernel keeps in vector registers: z = n·ln 2 - r with |r| ≤ ln(2)/2, e^r by its Taylor series to r^7, 2^-n built from its exponent bits; 0 where z ≥ 87"
+    zc = z.clamp_max(87.)
+    n = torch.round(zc * (1 / math.log(2)))
+    r = (n * _ln2_hi - zc) + n * _ln2_lo
+    e = r * (1 / 5040) + 1 / 720
+    for k in (120, 24, 6, 2, 1, 1): e = e * r + 1 / k
+    return torch.where(z < 87., e * ((127 - n.to(torch.int32)) << 23).view(torch.float32), 0.)
+
+def _log1p_unit_f32(
+    u:Tensor, # float32, 0 ≤ u ≤ 1
+) -> Tensor:
+    "log(1 + `u`) to a few ulps: 2·atanh(s) with s = u/(2 + u) ≤ 1/3, by its series to s^13"
+    s = u / (u + 2)
+    s2 = s * s
+    q = s2 * (1 / 13) + 1 / 11
+    for k in (9, 7, 5, 3, 1): q = q * s2 + 1 / k
+    return 2 * s * q
+
 def softplus(
     x:Tensor, # A denominator
     beta, # β; 0 leaves `x` unchanged
 ) -> Tensor:
     "softplus_β(`x`) = log(1 + exp(β`x`))/β, or `x` itself when `beta` is 0"
     if not beta: return x
-    z = beta * x.abs()   # for x > 0 and βx > 40 the log1p term is under 1e-19 of x, below float64's rounding: capping βx there changes nothing and keeps exp and log1p off their slow paths
-    return x.clamp_min(0) + torch.log1p(torch.exp(-torch.where(x > 0, z.clamp_max(40.), z))) / beta
+    z = beta * x.abs()   # where x > 0 and βx is over the cap, the log term is under 1e-19 (float64) or 1e-10 (narrower) of x, below rounding: the cap changes no result and keeps exp and log1p clear of subnormal numbers, which are slow
+    z = torch.where(x > 0, z.clamp_max(40. if x.dtype == torch.float64 else 20.), z)
+    if x.dtype == torch.float32 and torch.compiler.is_compiling(): return x.clamp_min(0) + _log1p_unit_f32(_exp_neg_f32(z)) / beta
+    return x.clamp_min(0) + torch.log1p(torch.exp(-z)) / beta
 
 positive_beta = (lambda v: 0 < real(v) < math.inf, '0 < beta < inf: the softplus replaces eps, so it cannot be turned off')
 
@@ -175,9 +200,10 @@ def compiled_step(fn:Callable, backend='inductor', options:dict|None=None) -> Ca
     return torch.compile(types.FunctionType(code, fn.__globals__, f'fused_{fn.__name__}'),
                          fullgraph=True, dynamic=False, backend=backend, options=options)
 
-def _no_duck_shapes():
-    "Keep sizes that happen to be equal (blocks, tensors, channels) apart, so one graph serves every model"
-    return torch.fx.experimental._config.patch(use_duck_shape=False)
+@contextlib.contextmanager
+def _trace_config():
+    "How the fused graphs are traced: sizes that happen to be equal (blocks, tensors, channels) kept apart, so one graph serves every model; Python floats (the static hypers) as constants, which dynamo would otherwise trace as symbols and then restart without"
+    with torch.fx.experimental._config.patch(use_duck_shape=False), torch._dynamo.config.patch(specialize_float=True): yield
 
 def _dynamic_size(*ts):
     "Mark dim 0 of `ts` dynamic; return the first"
@@ -242,7 +268,7 @@ def _signature(p:Tensor, state:dict, channels:bool, bools:set, read:set):
         kinds.append((k,) + kd)
     return (p.device, p.dtype, tuple(kinds))
 
-_layout_tensors = ('block_tensor', 'block_valid', 'block_ndim', 'tensor_numel', 'block_channel', 'channel_numel')
+_layout_tensors = ('block_tensor', 'block_valid', 'tensor_ndim', 'tensor_first_block', 'tensor_numel', 'block_channel', 'channel_numel')
 
 class _Bucket:
     "Parameters of one group, device, dtype and state signature, re-pointed into flat buffers"
@@ -255,6 +281,7 @@ class _Bucket:
         self.grads = lay.views(self.g)
         self.p.grad = self.g
         self.state,self.statics,self.views = {},{},{}
+        self.per_tensor = tuple(k for k,kind,x in kinds if kind == 'scalar')
         for k,kind,x in kinds:
             vals = [opt.state[p][k] for p in params]
             if kind == 'static': self.statics[k] = x; continue
@@ -331,6 +358,7 @@ class _ShardBucket:
         self.p,self.g = lay.empty(),lay.empty()
         self.p.grad = self.g
         self.state,self.statics = {},{}
+        self.per_tensor = tuple(k for k,kind,x in kinds if kind == 'scalar')
         for k,kind,x in kinds:
             if kind == 'static': self.statics[k] = x
             else: self.state[k] = lay.empty(x, per_block=kind == 'scalar')
@@ -501,24 +529,29 @@ class Optimizer(fastai.optimizer.Optimizer):
         live = b.attach_grads(skip)
         if live is None: return
         device = b.layout.device
-        tensors = self._hyper_tensors.setdefault((key[0], device), {})
-        args = dict(b.statics)
-        for k,v in hyper.items():
-            if not _dynamic(k, v): args[k] = v; continue
-            if k not in tensors: tensors[k] = torch.zeros((), dtype=_scalar_dtype(device), device=device)
-            args[k] = tensors[k].fill_(v)
+        args = {**b.statics, **{k: v for k,v in hyper.items() if not _dynamic(k, v)}}
+        names = tuple(k for k,v in hyper.items() if _dynamic(k, v))
+        values = self._hyper_values(key[0], device, [hyper[k] for k in names])
         if key not in self._fns: self._fns[key] = compiled_step(flat_group_step, self.fused_backend, self._compile_options())
         todo = [p for p in b.params if p.grad is not None and id(p) not in skip]
         if self.fused is False: return self._run(group_step, todo, hyper)
         try:
             cbs = [flat_versions.get(cb, cb) for cb in self.cbs] if b.bools else self.cbs   # do_wd as a mask needs the mask-reading versions
-            with _no_duck_shapes(): self._fns[key](cbs, b.p, b.state, args, b.layout, live)
+            with _trace_config(): self._fns[key](cbs, b.p, b.state, args, b.layout, live, b.per_tensor, names, values)
             if isinstance(b, _ShardBucket): b.copy_back()
         except Exception as e:
             warnings.warn(f"fastopt: the fused step failed to compile ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                           "this optimizer steps eagerly from now on. Pass fused=False to choose that yourself.")
             self.fused = False
             self._run(group_step, todo, hyper)
+
+    def _hyper_values(self, group:int, device, values:list) -> Tensor:
+        "The values of a group's dynamic hypers for its fused graphs: one float64 vector per group and device, refreshed in place every step"
+        new = torch.tensor(values, dtype=_scalar_dtype(device))
+        v = self._hyper_tensors.get((group, device))
+        if v is None or v.shape != new.shape: v = self._hyper_tensors[(group, device)] = new.to(device)
+        else: v.copy_(new)
+        return v
 
     def zero_grad(self):
         "Zero every gradient in place, as fastai does, without fastai's `detach_`, which fails on DDP's bucket views"

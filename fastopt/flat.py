@@ -19,7 +19,7 @@ __all__ = ['BLOCK', 'flat_inductor_options', 'channel_aligned', 'FlatLayout', 't
            'channel_sum', 'channel_mean', 'tensor_ndim', 'ColumnsAsScalars', 'flat_group_step', 'RealizeColumns']
 
 # %% ../nbs/00a_flat.ipynb #861552a5
-BLOCK = 64 # Elements per block: every tensor starts on a block boundary; per-tensor values are one value per block
+BLOCK = 64 # Elements per block: every tensor starts on a block boundary
 
 # %% ../nbs/00a_flat.ipynb #cc4db6c6
 def _blocks(n:int) -> int: return -(-n // BLOCK)
@@ -63,7 +63,8 @@ class FlatLayout:
         valid[-1] = 0
         self.block_valid = valid.view(-1, 1).to(dev)
         nd = [t.ndim for t in tensors]
-        self.block_ndim = torch.tensor(nd + [0], dtype=torch.int32)[self.block_tensor.cpu()].view(-1, 1).to(dev)
+        self.tensor_ndim = torch.tensor(nd + [0], dtype=torch.int32, device=dev)
+        self.tensor_first_block = torch.tensor(self.first_block, dtype=torch.long, device=dev)
         counts = list(sizes if numels is None else numels)
         self.tensor_numel = torch.tensor(counts + [1], dtype=torch.float64, device=dev)
         ch, ch_numel, self.first_channel = [], [], []
@@ -143,15 +144,15 @@ class FlatLayout:
         return torch.arange(BLOCK, dtype=torch.int32, device=self.block_valid.device) < self.block_valid   # int32 like `block_valid`: no int64 vectors
 
     def sum_segments(self, xs:Sequence[Tensor], channels:bool=False) -> list:
-        "Sums of each of `xs` (flat buffers) per tensor (or per channel), each spread back to `[nblocks, 1]` in its dtype"
+        "Sums of each of `xs` (flat buffers) in its dtype: per tensor `[ntensors, 1, 1]`, or per channel spread back to `[nblocks, 1]`"
         if channels and not self.channels: raise ValueError("this layout has no channel segments: make it with channels=True")
         seg = self.block_channel if channels else self.block_tensor
         valid = self.valid()
         parts = torch.stack([torch.where(valid, x, 0).sum(1, dtype=_block_sum_dtype(x)).double() for x in xs])   # [k, nblocks]: 64 values in float32, the block sums in float64
         n = (self.channel_numel if channels else self.tensor_numel).shape[0]   # `scatter_reduce_` runs as ATen's serial kernel on the CPU; inductor's `index_add_` takes an atomic add per block
         sums = torch.zeros(len(xs), n, dtype=torch.float64, device=parts.device).scatter_reduce_(1, seg.expand(len(xs), -1), parts, 'sum')
-        if not channels: sums = self.reduce(sums)
-        return [s[seg].view(-1, 1).to(x.dtype) for s,x in zip(sums, xs)]
+        if channels: return [s[seg].view(-1, 1).to(x.dtype) for s,x in zip(sums, xs)]
+        return [s.view(-1, 1, 1).to(x.dtype) for s,x in zip(self.reduce(sums), xs)]
 
     def reduce(self,
         sums:Tensor, # `[k, ntensors]` per-tensor partial sums on this rank
@@ -162,8 +163,14 @@ class FlatLayout:
         return funcol.all_reduce(sums, 'sum', self.process_group)
 
     def numel(self, channels:bool=False) -> Tensor:
-        "`[nblocks, 1]` float64: the element count of each block's tensor (or channel), which means divide by"
-        return (self.channel_numel[self.block_channel] if channels else self.tensor_numel[self.block_tensor]).view(-1, 1)
+        "Float64 element counts, which means divide by: each tensor's `[ntensors, 1, 1]`, or each block's channel's `[nblocks, 1]`"
+        return self.channel_numel[self.block_channel].view(-1, 1) if channels else self.tensor_numel.view(-1, 1, 1)
+
+    def spread(self,
+        x:Tensor, # One value per tensor, `[ntensors, 1, 1]`
+    ) -> Tensor:
+        "Each tensor's value in each of its blocks: `[nblocks, 1]`"
+        return x.reshape(-1, 1)[self.block_tensor]
 
 def _row_of(shape) -> int: return math.prod(shape[1:])
 
@@ -208,24 +215,40 @@ def channel_mean(*xs:Tensor, layout:FlatLayout|None=None):
     return _one([(s / n).to(x.dtype) for s,x in zip(layout.sum_segments(xs, channels=True), xs)])
 
 def tensor_ndim(x:Tensor, layout:FlatLayout|None=None):
-    "`x.ndim`, or on a flat `layout` the ndim of each block's tensor (`[nblocks, 1]` int32)"
-    return x.ndim if layout is None else layout.block_ndim
+    "`x.ndim`, or on a flat `layout` each tensor's (`[ntensors, 1, 1]` int32)"
+    return x.ndim if layout is None else layout.tensor_ndim.view(-1, 1, 1)
 
 # %% ../nbs/00a_flat.ipynb #8c95064f
+def _per_tensor(x) -> bool: return x.ndim == 3 and x.shape[1] == 1 and x.shape[2] == 1
+
 class ColumnsAsScalars(TorchFunctionMode):
-    "Type promotion on flat buffers as on the tensors they hold: a float `[nblocks, 1]` column, one value per tensor, takes the dtype of the `[nblocks, BLOCK]` float operands it meets, as a 0-d tensor would"
+    "Arithmetic on flat buffers as on the tensors they hold: a per-tensor value `[ntensors, 1, 1]` meeting block-shaped operands is spread to its blocks, and a float column (`[nblocks, 1]`, or a spread value) takes the dtype of the `[nblocks, BLOCK]` float operands it meets, as a 0-d tensor would"
+    def __init__(self,
+        layout:FlatLayout|None=None, # Where per-tensor values are spread to (None: only the dtype rule)
+    ):
+        super().__init__()
+        self.layout = layout
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None: kwargs = {}
         if len(args) < 2 and not kwargs: return func(*args, **kwargs)   # attribute reads, unary ops: nothing to promote
-        d,mixed = None,False
+        full,cols,blocks,per_tensor = set(),set(),False,False
         for x in (*args, *kwargs.values()):
-            if isinstance(x, Tensor) and x.ndim == 2 and x.is_floating_point():
-                if x.shape[1] == BLOCK:
-                    if d is not None and d != x.dtype: return func(*args, **kwargs)   # full operands of two dtypes: promote as usual
-                    d = x.dtype
-                elif x.shape[1] == 1: mixed = True
-        if d is None or not mixed: return func(*args, **kwargs)
-        cast = lambda x: x.to(d) if isinstance(x, Tensor) and x.ndim == 2 and x.shape[1] == 1 and x.dtype != d and x.is_floating_point() else x
+            if not isinstance(x, Tensor): continue
+            if x.ndim == 2:
+                blocks = True
+                if x.is_floating_point(): (full if x.shape[1] == BLOCK else cols if x.shape[1] == 1 else set()).add(x.dtype)
+            elif _per_tensor(x): per_tensor = True
+        spread = per_tensor and blocks and self.layout is not None
+        if not spread and not (full and cols): return func(*args, **kwargs)
+        d = next(iter(full)) if len(full) == 1 else None   # full operands of two dtypes: promote as usual
+        dt = d if full else next(iter(cols)) if len(cols) == 1 else None   # what a spread value takes: like a 0-d tensor
+        def cast(x):
+            if not isinstance(x, Tensor): return x
+            if spread and _per_tensor(x):
+                x = self.layout.spread(x)
+                return x.to(dt) if dt is not None and x.is_floating_point() and x.dtype != dt else x
+            return x.to(d) if d is not None and x.ndim == 2 and x.shape[1] == 1 and x.is_floating_point() and x.dtype != d else x
         return func(*map(cast, args), **{k: cast(v) for k,v in kwargs.items()})
 
 # %% ../nbs/00a_flat.ipynb #8faa868b
@@ -236,37 +259,50 @@ def flat_group_step(
     hyper:dict, # Hypers (0-d tensors or constants) and the parameters' constant state (`do_wd`, ...)
     layout:FlatLayout, # Where each tensor lives; the callbacks get it as `layout`
     live:Tensor, # `[nblocks, 1]` bool: the blocks of tensors that have a gradient this step
+    per_tensor:tuple=(), # The keys of `state` that hold one value per tensor (step counts): the callbacks get them as `[ntensors, 1, 1]`
+    scalar_hypers:tuple=(), # Names of hypers given as the elements of `scalar_values` (the callbacks get them as 0-d tensors)
+    scalar_values:Tensor|None=None, # A float64 vector: one input for all of them (each 0-d CPU float64 input makes dynamo trace the graph twice)
 ):
-    "Run `cbs` once on the flat buffers, columns promoting like 0-d tensors; write back the parameter and state of the live blocks only, so tensors without a gradient stay as they were"
+    "Run `cbs` once on the flat buffers, per-tensor values spread and promoting like 0-d tensors; write back the parameter and state of the live blocks only, so tensors without a gradient stay as they were"
     old_p,old = p.clone(),{k: v.clone() for k,v in state.items()}
-    st = dict(state)
-    with ColumnsAsScalars():
+    hyper = {**hyper, **{k: scalar_values[i] for i,k in enumerate(scalar_hypers)}}
+    st = {**state, **{k: state[k][layout.tensor_first_block].view(-1, 1, 1) for k in per_tensor}}
+    with ColumnsAsScalars(layout):
         for cb in cbs: st = _update(st, cb(p, **{**st, **hyper, 'layout': layout}))
     p.copy_(torch.where(live, p, old_p))
-    for k,v in state.items(): v.copy_(torch.where(live, st[k], old[k]))
+    for k,v in state.items():
+        new = layout.spread(st[k]) if _per_tensor(st[k]) else st[k]
+        v.copy_(torch.where(live, new, old[k]))
 
 # %% ../nbs/00a_flat.ipynb #3351d425
 def _shape_kind(n) -> str|None:
-    "'column' for an FX node whose value is `[n, 1]`, 'full' for `[n, BLOCK]`"
+    "'full' for an FX node whose value is `[n, BLOCK]`, 'column' for `[n, 1]`, 'tensor' for `[n, 1, 1]` (one value per tensor)"
     v = n.meta.get('val')
-    if not isinstance(v, Tensor) or v.ndim != 2: return None
+    if not isinstance(v, Tensor): return None
+    if v.ndim == 3: return 'tensor' if isinstance(v.shape[1], int) and isinstance(v.shape[2], int) and v.shape[1] == v.shape[2] == 1 else None
+    if v.ndim != 2: return None
     return {1: 'column', BLOCK: 'full'}.get(v.shape[1]) if isinstance(v.shape[1], int) else None
 
 _costly = {'pow', 'exp', 'exp2', 'expm1', 'log', 'log1p', 'log2', 'log10', 'sqrt', 'rsqrt', 'tanh', 'sigmoid', 'erf', 'sin', 'cos', 'atan', 'atan2'}
 
-def _costly_column(n, seen:set) -> bool:
-    "Whether column node `n` computes, through the pointwise column nodes before it, a transcendental function or a power"
-    if n in seen or n.op != 'call_function' or torch.Tag.pointwise not in getattr(n.target, 'tags', ()) or _shape_kind(n) != 'column': return False
+def _costly_value(n, kind:str, seen:set) -> bool:
+    "Whether node `n`, of shape `kind`, computes, through the pointwise nodes of that shape before it, a transcendental function or a power"
+    if n in seen or n.op != 'call_function' or torch.Tag.pointwise not in getattr(n.target, 'tags', ()) or _shape_kind(n) != kind: return False
     seen.add(n)
     if n.target._opname in _costly: return True
-    return any(_costly_column(a, seen) for a in n.all_input_nodes)
+    return any(_costly_value(a, kind, seen) for a in n.all_input_nodes)
+
+def _feeds_larger(n) -> bool:
+    "Whether a per-block column feeds a full-size value, or a per-tensor value anything but per-tensor values (its spread to blocks)"
+    k = _shape_kind(n)
+    if k == 'column': return any(_shape_kind(u) == 'full' for u in n.users)
+    return k == 'tensor' and any(_shape_kind(u) != 'tensor' for u in n.users)
 
 class RealizeColumns(CustomGraphPass):
-    "Inductor pass: store each `[nblocks, 1]` value that costs a power or a transcendental function and that `[nblocks, BLOCK]` values use, so it is computed once per block, not in every vector"
+    "Inductor pass: store each per-tensor or per-block value that costs a power or a transcendental function and that larger values use, so it is computed once per tensor or block, not in every vector"
     def __call__(self, graph):
         for n in graph.nodes:
-            if any(_shape_kind(u) == 'full' for u in n.users) and _costly_column(n, set()): n.meta['inductor_realize_to_strides'] = True
-    def uuid(self): return f'fastopt-realize-columns-{BLOCK}-v2'   # part of inductor's cache key
+            if _feeds_larger(n) and _costly_value(n, _shape_kind(n), set()): n.meta['inductor_realize_to_strides'] = True
+    def uuid(self): return f'fastopt-realize-columns-{BLOCK}-v3'   # part of inductor's cache key
 
-flat_inductor_options = {'cpp.dynamic_threads': True, 'post_grad_custom_post_pass': RealizeColumns()}  # what the fused path gives inductor
-
+flat_inductor_options = {'cpp.dynamic_threads': True, 'cpp.enable_loop_tail_vec': False, 'post_grad_custom_post_pass': RealizeColumns()}  # what the fused path gives inductor

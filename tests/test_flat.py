@@ -27,10 +27,13 @@ def test_tensor_reductions_match_the_plain_ops(fn):
     buf = lay.pack(ts)
     buf.view(-1)[-BLOCK:] = 1e6   # the trailing empty block is not any tensor's
     res = fn(buf, layout=lay)
-    assert res.shape == (lay.nblocks, 1)
+    assert res.shape == (lay.ntensors, 1, 1)   # one value per tensor...
+    spread = lay.spread(res)   # ...and in each of its blocks
+    assert spread.shape == (lay.nblocks, 1)
     for i,t in enumerate(ts):
+        torch.testing.assert_close(res[i, 0, 0], fn(t), rtol=1e-6, atol=1e-6)
         for b in range(lay.first_block[i], lay.first_block[i + 1]):
-            torch.testing.assert_close(res[b, 0], fn(t), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(spread[b, 0], fn(t), rtol=1e-6, atol=1e-6)
     two = fn(buf, 2 * buf, layout=lay)   # several tensors in one call
     torch.testing.assert_close(two[1], fn(2 * buf, layout=lay))
 
@@ -44,7 +47,7 @@ def test_channel_reductions_match_the_plain_ops():
             per_channel = fn(ts[i]).reshape(-1)
             blocks = res[lay.first_block[i]:lay.first_block[i + 1], 0]
             torch.testing.assert_close(blocks, per_channel.repeat_interleave(len(blocks) // len(per_channel)), rtol=1e-6, atol=1e-6)
-    assert tensor_ndim(ts[2]) == 4 and tensor_ndim(buf, lay)[lay.first_block[2], 0] == 4
+    assert tensor_ndim(ts[2]) == 4 and tensor_ndim(buf, lay)[:, 0, 0].tolist() == [2, 1, 4, 1, 0]   # and 0 for the trailing empty tensor
 
 def test_unaligned_channels_are_refused():
     with pytest.raises(ValueError, match=r'rows of 21 elements'): FlatLayout([torch.zeros(7, 3, 7)], channels=True)
