@@ -18,7 +18,7 @@ __all__ = ['centralize_grad', 'AdamGC', 'centralized']
 def centralize_grad(p, gc_conv_only=True, layout=None, **kwargs):
     "Subtract, in place, from each output slice of `p.grad` its mean over the other dims (4-D only if `gc_conv_only`)"
     g = p.grad
-    nd = tensor_ndim(g, layout)   # a number, or one per block on the fused path's flat layout
+    nd = tensor_ndim(g, layout)   # a number, or one per tensor on the fused path's flat layout
     on = (nd == 4) | ((nd >= 2) & (not gc_conv_only))
     if layout is not None: g.sub_(torch.where(on, channel_mean(g, layout=layout), 0.))
     elif on: g.sub_(channel_mean(g))
