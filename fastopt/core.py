@@ -202,8 +202,8 @@ def compiled_step(fn:Callable, backend='inductor', options:dict|None=None) -> Ca
 
 @contextlib.contextmanager
 def _trace_config():
-    "How the fused graphs are traced: sizes that happen to be equal (blocks, tensors, channels) kept apart, so one graph serves every model; Python floats (the static hypers) as constants, which dynamo would otherwise trace as symbols and then restart without"
-    with torch.fx.experimental._config.patch(use_duck_shape=False), torch._dynamo.config.patch(specialize_float=True): yield
+    "How the fused graphs are traced: sizes that happen to be equal (blocks, tensors, channels) kept apart, so one graph serves every model"
+    with torch.fx.experimental._config.patch(use_duck_shape=False): yield
 
 def _dynamic_size(*ts):
     "Mark dim 0 of `ts` dynamic; return the first"
