@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #21711f0c
 from __future__ import annotations
-import contextlib, copy, inspect, math, numbers, types, warnings
+import copy, inspect, math, numbers, types, warnings
 from collections import defaultdict
 from functools import partial
 from typing import Callable, Iterable, MutableSequence
@@ -200,10 +200,9 @@ def compiled_step(fn:Callable, backend='inductor', options:dict|None=None) -> Ca
     return torch.compile(types.FunctionType(code, fn.__globals__, f'fused_{fn.__name__}'),
                          fullgraph=True, dynamic=False, backend=backend, options=options)
 
-@contextlib.contextmanager
-def _trace_config():
-    "How the fused graphs are traced: sizes that happen to be equal (blocks, tensors, channels) kept apart, so one graph serves every model"
-    with torch.fx.experimental._config.patch(use_duck_shape=False): yield
+def _no_duck_shapes():
+    "Keep sizes that happen to be equal (blocks, tensors, channels) apart, so one graph serves every model"
+    return torch.fx.experimental._config.patch(use_duck_shape=False)
 
 def _dynamic_size(*ts):
     "Mark dim 0 of `ts` dynamic; return the first"
@@ -537,7 +536,7 @@ class Optimizer(fastai.optimizer.Optimizer):
         if self.fused is False: return self._run(group_step, todo, hyper)
         try:
             cbs = [flat_versions.get(cb, cb) for cb in self.cbs] if b.bools else self.cbs   # do_wd as a mask needs the mask-reading versions
-            with _trace_config(): self._fns[key](cbs, b.p, b.state, args, b.layout, live, b.per_tensor, names, values)
+            with _no_duck_shapes(): self._fns[key](cbs, b.p, b.state, args, b.layout, live, b.per_tensor, names, values)
             if isinstance(b, _ShardBucket): b.copy_back()
         except Exception as e:
             warnings.warn(f"fastopt: the fused step failed to compile ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
