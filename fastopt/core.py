@@ -21,9 +21,9 @@ except ImportError: DTensor = Shard = None   # a torch built without distributed
 
 # %% auto #0
 __all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'flat_versions', 'momentum_stats', 'adam_stats', 'real',
-           'check_hyper', 'check_bool', 'softplus', 'group_step', 'compiled_step', 'flat_weight_decay', 'flat_l2_reg',
-           'Optimizer', 'step_count', 'bias_correction', 'weight_decay_cb', 'debiased_step', 'adam_denom', 'rms',
-           'add_param_docs']
+           'check_hyper', 'check_bool', 'softplus', 'group_step', 'compiled_step', 'shared_step', 'flat_weight_decay',
+           'flat_l2_reg', 'Optimizer', 'step_count', 'bias_correction', 'weight_decay_cb', 'debiased_step',
+           'adam_denom', 'rms', 'add_param_docs']
 
 # %% ../nbs/00_core.ipynb #a30455de
 def real(v) -> float:
@@ -199,6 +199,23 @@ def compiled_step(fn:Callable, backend='inductor', options:dict|None=None) -> Ca
     code = fn.__code__.replace(co_name=f'fused_{fn.__name__}')
     return torch.compile(types.FunctionType(code, fn.__globals__, f'fused_{fn.__name__}'),
                          fullgraph=True, dynamic=False, backend=backend, options=options)
+
+_shared_steps = {}  # graph key: the compiled `flat_group_step` every bucket with that key runs, in any group or optimizer
+
+def _graph_key(cbs:list, args:dict, signature:tuple, names:tuple, per_tensor:tuple, backend, options:dict|None):
+    "What a fused graph depends on besides the sizes it takes as dynamic (None if part of it cannot be hashed)"
+    def part(v): return ('tensor', v.dtype, v.device, v.ndim) if isinstance(v, Tensor) else (type(v), v)
+    key = (tuple(cbs), tuple((k, part(args[k])) for k in sorted(args)), signature, names, per_tensor, backend,
+           tuple((k, part(v)) for k,v in sorted((options or {}).items())))
+    try: hash(key)
+    except TypeError: return None
+    return key
+
+def shared_step(key:tuple|None, backend='inductor', options:dict|None=None) -> Callable:
+    "The compiled `flat_group_step` for graph `key`, made on first use and shared by every bucket with that key (a new one if `key` is None)"
+    if key is None: return compiled_step(flat_group_step, backend, options)
+    if key not in _shared_steps: _shared_steps[key] = compiled_step(flat_group_step, backend, options)
+    return _shared_steps[key]
 
 def _no_duck_shapes():
     "Keep sizes that happen to be equal (blocks, tensors, channels) apart, so one graph serves every model"
@@ -531,11 +548,13 @@ class Optimizer(fastai.optimizer.Optimizer):
         args = {**b.statics, **{k: v for k,v in hyper.items() if not _dynamic(k, v)}}
         names = tuple(k for k,v in hyper.items() if _dynamic(k, v))
         values = self._hyper_values(key[0], device, [hyper[k] for k in names])
-        if key not in self._fns: self._fns[key] = compiled_step(flat_group_step, self.fused_backend, self._compile_options())
+        cbs = [flat_versions.get(cb, cb) for cb in self.cbs] if b.bools else self.cbs   # do_wd as a mask needs the mask-reading versions
+        if key not in self._fns:
+            options = self._compile_options()
+            self._fns[key] = shared_step(_graph_key(cbs, args, key[1:], names, b.per_tensor, self.fused_backend, options), self.fused_backend, options)
         todo = [p for p in b.params if p.grad is not None and id(p) not in skip]
         if self.fused is False: return self._run(group_step, todo, hyper)
         try:
-            cbs = [flat_versions.get(cb, cb) for cb in self.cbs] if b.bools else self.cbs   # do_wd as a mask needs the mask-reading versions
             with _no_duck_shapes(): self._fns[key](cbs, b.p, b.state, args, b.layout, live, b.per_tensor, names, values)
             if isinstance(b, _ShardBucket): b.copy_back()
         except Exception as e:

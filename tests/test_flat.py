@@ -181,7 +181,7 @@ def test_chunks_cut_between_parameters():
     assert [len(c) for c in _chunks([torch.zeros(5, dtype=torch.float64) for _ in range(3)], 8 * 128)] == [2, 1], 'bytes, not values: a float64 block takes 512'
 
 def test_one_graph_serves_models_of_any_size():
-    "Sizes are dynamic: a second optimizer over more, differently shaped tensors reuses the compiled graph (no new inductor compile)"
+    "Sizes are dynamic: a second optimizer over more, differently shaped tensors reuses the compiled step (no new trace, no new inductor compile)"
     def steps(shapes):
         ps = [torch.randn(s).requires_grad_() for s in shapes]
         opt = fastopt.SGD(ps, lr=0.1, mom=0.9, fused=True)
@@ -196,6 +196,8 @@ def test_one_graph_serves_models_of_any_size():
     opt = steps([(7, 9), (2,), (1000,), (3, 3, 3)])
     assert opt.fused and counters['inductor']['fxgraph_cache_miss'] == 0, dict(counters['inductor'])
     assert first >= 1
+    assert not counters['stats'].get('unique_graphs') and not counters['recompiles'], \
+        f"the second optimizer should run the first one's compiled step without tracing it again: {dict(counters['stats'])} {dict(counters['recompiles'])}"
 
 def test_dtensor_parameters_step_fused_on_their_shards():
     "FSDP2's DTensor parameters are never re-pointed (FSDP owns their storage): they step fused on flat copies of their shards (`_ShardBucket`), as with fused=False (tests/test_fsdp.py: 2 ranks, uneven shards)"
