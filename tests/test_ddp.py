@@ -148,14 +148,9 @@ def run_ddp(cases, out_dir):
     return {c: [torch.load(out_dir / f"{c}-rank{r}.pt", weights_only=False) for r in range(WORLD)] for c in cases}
 
 @pytest.fixture(scope='module')
-def eager_runs(tmp_path_factory):
-    "The eager cases, all in one spawn: starting the ranks (importing torch and fastai) takes longer than the cases"
-    return run_ddp(EAGER, tmp_path_factory.mktemp('ddp_eager'))
-
-@pytest.fixture(scope='module')
-def fused_runs(tmp_path_factory):
-    "Fused Adam in a spawn of its own, so the eager tests neither wait for nor depend on torch.compile"
-    return run_ddp(['Adam-fused'], tmp_path_factory.mktemp('ddp_fused'))
+def runs(tmp_path_factory):
+    "Every case in one spawn, the fused one last: starting the ranks (importing torch and fastai) takes longer than the eager cases"
+    return run_ddp(list(CASES), tmp_path_factory.mktemp('ddp'))
 
 def ranks_of(runs, case):
     "The ranks' results for `case`, after checking that no rank raised"
@@ -220,27 +215,27 @@ def with_losses(ranks): return dict(ranks[0], rank_losses=[res['losses'] for res
 # ---------------------------------------------------------------- tests
 
 @pytest.mark.parametrize('case', EAGER)
-def test_ddp_ranks_bit_identical(eager_runs, case):
+def test_ddp_ranks_bit_identical(runs, case):
     "Under 2-rank gloo DDP both ranks hold bit-identical parameters after every step, and identical optimizer state and hypers"
-    r0, r1 = ranks_of(eager_runs, case)
+    r0, r1 = ranks_of(runs, case)
     assert_bit_identical(r0, r1, 'between the ranks')
 
 @pytest.mark.parametrize('case', EAGER)
-def test_ddp_equals_one_process_averaging_half_batches(eager_runs, case):
+def test_ddp_equals_one_process_averaging_half_batches(runs, case):
     "Rank 0 equals, bit for bit, one process stepping on the mean of the two half-batch gradients"
-    assert_bit_identical(ranks_of(eager_runs, case)[0], single_process(case, 'split'), 'from one process averaging half batches')
+    assert_bit_identical(ranks_of(runs, case)[0], single_process(case, 'split'), 'from one process averaging half batches')
 
 @pytest.mark.parametrize('case', EAGER)
-def test_ddp_matches_one_process_on_full_batch(eager_runs, case):
+def test_ddp_matches_one_process_on_full_batch(runs, case):
     "Rank 0 matches one process stepping on the full batch within TOL (BAdam's state within BADAM_STATE_TOL)"
     ref = single_process(case, 'full')
     assert_trained(ref, case)
     state_tol = BADAM_STATE_TOL if CASES[case]['name'] == 'BAdam' else TOL
-    assert_close_to(with_losses(ranks_of(eager_runs, case)), ref, case, state_tol)
+    assert_close_to(with_losses(ranks_of(runs, case)), ref, case, state_tol)
 
-def test_ddp_fused_adam(fused_runs):
+def test_ddp_fused_adam(runs):
     "Fused Adam (torch.compile in each rank) under DDP stays fused, keeps the ranks bit-identical and matches eager Adam on the full batch"
-    r0, r1 = ranks_of(fused_runs, 'Adam-fused')
+    r0, r1 = ranks_of(runs, 'Adam-fused')
     assert r0['still_fused'] and r1['still_fused'], 'a rank fell back to eager, so this would not test the fused path'
     assert_bit_identical(r0, r1, 'between the ranks')
     assert_close_to(with_losses([r0, r1]), single_process('Adam-eager', 'full'), 'Adam-fused')

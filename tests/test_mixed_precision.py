@@ -52,7 +52,7 @@ def learner(name, amp_mode, *cbs):
 def test_bf16_autocast_trains(name):
     rec = ActivationDtype()
     learn, lr = learner(name, 'bf16', rec)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(5, lr)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(4, lr)
     assert rec.dtypes == {torch.bfloat16}, 'autocast did not run'
     assert all(p.dtype == torch.float32 for p in learn.model.parameters())
     with learn.no_bar(): _, acc = learn.validate()
