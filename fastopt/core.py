@@ -418,19 +418,24 @@ class _ShardBucket:
             elif kind == 'scalar':
                 for v,p in zip(lay.scalar_views(self.state[k]), self.params): _local(self.opt.state[p][k]).copy_(v)
 
-def _chunks(params:list, limit:int) -> list:
-    "`params` in order, cut into runs whose flat buffers hold at most `limit` bytes each (a larger parameter alone)"
+def _chunks(params:list, limit:int|None) -> list:
+    "`params` in order, cut into runs whose flat buffers hold at most `limit` bytes each (a larger parameter alone; None: one run)"
     res,size = [[]],0
     for p in params:
         n = -(-p.numel() // BLOCK) * BLOCK * p.element_size()
-        if res[-1] and size + n > limit: res,size = res + [[]],0
+        if res[-1] and limit is not None and size + n > limit: res,size = res + [[]],0
         res[-1].append(p); size += n
     return res
+
+def _reduces(cbs) -> bool:
+    "Whether a callback takes the flat `layout`: it reduces over tensors or channels, so its step may store a buffer-sized temporary"
+    return any('layout' in _cb_names(cb) for cb in cbs)
 
 class _GroupLayouts:
     "A group's parameters that step fused, bucketed by device, dtype and state signature"
     def __init__(self, opt, params:list):
         channels = any(_cb_attr(cb, 'per_channel') for cb in opt.cbs)
+        limit = opt.fused_chunk_bytes if _reduces(opt.cbs) else None   # elementwise steps store no temporary: one bucket is faster
         bools,read = _per_block_bools(opt.cbs),set().union(*map(_cb_names, opt.cbs))
         shaped = [f for f in (_cb_attr(cb, 'needs_shape') for cb in opt.cbs) if f]   # per-matrix work (Muon) needs the parameter's own shape
         by = {}
@@ -444,7 +449,7 @@ class _GroupLayouts:
         for k,ps in by.items():
             if k[0] == 'shards': self.buckets[k + (0,)] = _ShardBucket(opt, ps, k[4], bools)
             else:
-                for i,c in enumerate(_chunks(ps, opt.fused_chunk_bytes)): self.buckets[k + (i,)] = _Bucket(opt, c, k[2], channels, bools)
+                for i,c in enumerate(_chunks(ps, limit)): self.buckets[k + (i,)] = _Bucket(opt, c, k[2], channels, bools)
         self.ids = {id(p) for b in self.buckets.values() for p in b.params}
 
     def valid(self, opt) -> bool: return all(b.valid() for b in self.buckets.values())
@@ -468,7 +473,7 @@ class Optimizer(fastai.optimizer.Optimizer):
 
     fused_backend = 'inductor' # The `torch.compile` backend of the fused path
     inductor_options = None # Options for inductor, over `flat_inductor_options`
-    fused_chunk_bytes = 30 * 2**20 # A fused bucket's flat buffers hold at most this many bytes each (see `_chunks`)
+    fused_chunk_bytes = 30 * 2**20 # A fused bucket of an optimizer that reduces holds at most this many bytes per flat buffer (see `_chunks`)
     auto_fuse_numel = 2**20 # `fused='auto'` fuses a group once its parameters hold this many values
 
     def set_hyper(self, k, v):

@@ -173,6 +173,18 @@ def test_a_group_cut_into_chunks_steps_like_one():
     for s,t in zip(sd['state'], eopt.state_dict()['state']):
         for k in s: torch.testing.assert_close(s[k], t[k], rtol=1e-5, atol=1e-6)
 
+def test_only_reducing_optimizers_are_chunked():
+    "Elementwise optimizers keep a group in one bucket whatever its size; those whose callbacks reduce (take `layout`) are cut at `fused_chunk_bytes`"
+    from fastopt.core import _GroupLayouts
+    for name, chunks in [('Adam', 1), ('SGD', 1), ('SAdam', 1), ('Lamb', 2), ('AdamGC', 2)]:
+        ps = [torch.randn(8, 64, requires_grad=True) for _ in range(4)]   # 2 KiB each, whole rows of 64 (per-channel AdamGC lays them out)
+        opt = getattr(fastopt, name)(ps, lr=1e-2, fused=True)
+        opt.fused_chunk_bytes = 4096
+        for p in ps: p.grad = torch.randn_like(p)
+        opt.step()   # the first step is eager and creates the state
+        buckets = _GroupLayouts(opt, ps).buckets
+        assert len(buckets) == chunks and sum(len(b.params) for b in buckets.values()) == 4, (name, list(buckets))
+
 def test_chunks_cut_between_parameters():
     from fastopt.core import _chunks
     ps = [torch.zeros(100), torch.zeros(10), torch.zeros(3000), torch.zeros(1)]   # 128, 64, 3008 and 64 values in blocks
