@@ -205,7 +205,10 @@ _shared_steps = {}  # graph key: the compiled `flat_group_step` every bucket wit
 def _graph_key(cbs:list, args:dict, signature:tuple, names:tuple, per_tensor:tuple, backend, options:dict|None):
     "What a fused graph depends on besides the sizes it takes as dynamic (None if part of it cannot be hashed)"
     def part(v): return ('tensor', v.dtype, v.device, v.ndim) if isinstance(v, Tensor) else (type(v), v)
-    key = (tuple(cbs), tuple((k, part(args[k])) for k in sorted(args)), signature, names, per_tensor, backend,
+    def cb_key(cb):   # builders make a new `partial` per optimizer: the same function and arguments are the same callback
+        if type(cb) is not partial: return cb
+        return ('partial', cb_key(cb.func), tuple(map(part, cb.args)), tuple((k, part(v)) for k,v in sorted(cb.keywords.items())))
+    key = (tuple(map(cb_key, cbs)), tuple((k, part(args[k])) for k in sorted(args)), signature, names, per_tensor, backend,
            tuple((k, part(v)) for k,v in sorted((options or {}).items())))
     try: hash(key)
     except TypeError: return None

@@ -6,8 +6,11 @@
   away (`.double()`, channels_last, a re-assigned `.data`, `zero_grad(set_to_none=True)`, a new parameter group, a
   parameter that stops getting gradients, a stat that returns a fresh tensor) it lays them out again or steps them
   eagerly, with the results of the eager path (rtol 1e-5) and frozen parameters bit-identical.
-- One graph per bucket whatever the number of tensors: a new model of another size reuses it without recompiling.
+- One graph per bucket whatever the number of tensors: a new model of another size reuses it without recompiling, and
+  a second optimizer of the same kind (new `partial` callbacks included) runs the first one's compiled step without tracing.
+- Only optimizers that reduce are cut into chunks.
 """
+from functools import partial
 import pytest
 import torch
 from torch import nn
@@ -210,6 +213,22 @@ def test_one_graph_serves_models_of_any_size():
     assert first >= 1
     assert not counters['stats'].get('unique_graphs') and not counters['recompiles'], \
         f"the second optimizer should run the first one's compiled step without tracing it again: {dict(counters['stats'])} {dict(counters['recompiles'])}"
+
+def test_new_partials_share_the_compiled_step():
+    "Each DuvAdam builds its own `functools.partial` callbacks; with the same functions and arguments, a second optimizer runs the first one's compiled step"
+    def run():
+        ps = [torch.randn(4, 3).requires_grad_()]
+        opt = fastopt.DuvAdam(ps, lr=1e-2, fused=True)
+        opt.fused_backend = 'eager'   # dynamo's trace is what is shared; inductor's code is not needed for that
+        for _ in range(3):
+            ps[0].grad = torch.ones_like(ps[0])
+            opt.step()
+        return opt
+    torch._dynamo.reset(); counters.clear()
+    a, b = run(), run()
+    assert any(isinstance(c, partial) and c is not d for c,d in zip(a.cbs, b.cbs)), 'the builder should make new partials'
+    assert a.fused and a._fns and {id(f) for f in a._fns.values()} == {id(f) for f in b._fns.values()}
+    assert counters['stats']['unique_graphs'] == 1 and not counters['recompiles'], (dict(counters['stats']), dict(counters['recompiles']))
 
 def test_dtensor_parameters_step_fused_on_their_shards():
     "FSDP2's DTensor parameters are never re-pointed (FSDP owns their storage): they step fused on flat copies of their shards (`_ShardBucket`), as with fused=False (tests/test_fsdp.py: 2 ranks, uneven shards)"
