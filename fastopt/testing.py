@@ -210,7 +210,9 @@ def check_no_recompiles(s:_Session) -> str:
     rec, brk = counters.get('recompiles', {}), counters.get('graph_break', {})
     if rec: s.fail('no_recompiles', f"recompiled {sum(rec.values())} times as lr/mom changed: {rec} (a hyper read as a Python number, or a guard on a state value)")
     if brk: s.fail('no_recompiles', f"graph breaks: {brk}")
-    return f"one compile for {s.steps} steps with lr and mom changing every step ({counters.get('stats', {}).get('unique_graphs', '?')} graphs)"
+    n = counters.get('stats', {}).get('unique_graphs', 0)
+    return (f"{n} graph(s) traced for {s.steps} steps with lr and mom changing every step" if n else
+            f"no recompile in {s.steps} steps with lr and mom changing every step (the compiled step was traced earlier in this process)")
 
 # %% ../nbs/10_testing.ipynb #09c47440
 def check_resume_state_dict(s:_Session) -> str:
