@@ -20,10 +20,10 @@ try: from torch.distributed.tensor import DTensor, Shard
 except ImportError: DTensor = Shard = None   # a torch built without distributed
 
 # %% auto #0
-__all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'flat_versions', 'momentum_stats', 'adam_stats', 'real',
-           'check_hyper', 'check_bool', 'softplus', 'group_step', 'compiled_step', 'shared_step', 'flat_weight_decay',
-           'flat_l2_reg', 'Optimizer', 'step_count', 'bias_correction', 'weight_decay_cb', 'debiased_step',
-           'adam_denom', 'rms', 'add_param_docs']
+__all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'shared_steps_kept', 'flat_versions', 'momentum_stats', 'adam_stats',
+           'real', 'check_hyper', 'check_bool', 'softplus', 'group_step', 'compiled_step', 'shared_step',
+           'flat_weight_decay', 'flat_l2_reg', 'Optimizer', 'step_count', 'bias_correction', 'weight_decay_cb',
+           'debiased_step', 'adam_denom', 'rms', 'add_param_docs']
 
 # %% ../nbs/00_core.ipynb #a30455de
 def real(v) -> float:
@@ -201,6 +201,7 @@ def compiled_step(fn:Callable, backend='inductor', options:dict|None=None) -> Ca
                          fullgraph=True, dynamic=False, backend=backend, options=options)
 
 _shared_steps = {}  # graph key: the compiled `flat_group_step` every bucket with that key runs, in any group or optimizer
+shared_steps_kept = 64  # How many compiled steps the process keeps for optimizers yet to come (the least recently used go first)
 
 def _graph_key(cbs:list, args:dict, signature:tuple, names:tuple, per_tensor:tuple, backend, options:dict|None):
     "What a fused graph depends on besides the sizes it takes as dynamic (None if part of it cannot be hashed)"
@@ -217,8 +218,10 @@ def _graph_key(cbs:list, args:dict, signature:tuple, names:tuple, per_tensor:tup
 def shared_step(key:tuple|None, backend='inductor', options:dict|None=None) -> Callable:
     "The compiled `flat_group_step` for graph `key`, made on first use and shared by every bucket with that key (a new one if `key` is None)"
     if key is None: return compiled_step(flat_group_step, backend, options)
-    if key not in _shared_steps: _shared_steps[key] = compiled_step(flat_group_step, backend, options)
-    return _shared_steps[key]
+    fn = _shared_steps.pop(key, None) or compiled_step(flat_group_step, backend, options)
+    _shared_steps[key] = fn   # now the most recently used
+    while len(_shared_steps) > shared_steps_kept: _shared_steps.pop(next(iter(_shared_steps)))   # optimizers that hold one keep it
+    return fn
 
 def _no_duck_shapes():
     "Keep sizes that happen to be equal (blocks, tensors, channels) apart, so one graph serves every model"

@@ -230,6 +230,19 @@ def test_new_partials_share_the_compiled_step():
     assert a.fused and a._fns and {id(f) for f in a._fns.values()} == {id(f) for f in b._fns.values()}
     assert counters['stats']['unique_graphs'] == 1 and not counters['recompiles'], (dict(counters['stats']), dict(counters['recompiles']))
 
+def test_the_process_keeps_the_most_recently_used_steps():
+    "At most `shared_steps_kept` compiled steps wait for later optimizers; a hit makes one the most recent, the oldest goes first"
+    from fastopt import core
+    old, core.shared_steps_kept = core.shared_steps_kept, 2
+    try:
+        a, b = core.shared_step(('test', 'a'), 'eager'), core.shared_step(('test', 'b'), 'eager')
+        assert core.shared_step(('test', 'a'), 'eager') is a
+        core.shared_step(('test', 'c'), 'eager')   # b is now the least recently used
+        assert len(core._shared_steps) == 2 and core.shared_step(('test', 'a'), 'eager') is a
+        assert core.shared_step(('test', 'b'), 'eager') is not b
+        assert core.shared_step(None, 'eager') is not core.shared_step(None, 'eager'), 'no key: a step of its own'
+    finally: core.shared_steps_kept = old
+
 def test_dtensor_parameters_step_fused_on_their_shards():
     "FSDP2's DTensor parameters are never re-pointed (FSDP owns their storage): they step fused on flat copies of their shards (`_ShardBucket`), as with fused=False (tests/test_fsdp.py: 2 ranks, uneven shards)"
     import socket, torch.distributed as dist

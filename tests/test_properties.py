@@ -365,7 +365,7 @@ def assert_all_close(a, b, dtype):
 
 # ---------------------------------------------------------------- 2. fused equals eager
 
-@settings(deadline=None, max_examples=14, suppress_health_check=SLOW, phases=NO_SHRINK)
+@settings(deadline=None, max_examples=9, suppress_health_check=SLOW, phases=NO_SHRINK)
 @given(cases())
 @example(Case('Adam', dict(lr=1e-2, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0., decouple_wd=True), [[((), True, False), ((3,), True, False)]],
               [1e-2], torch.float64, 0, 1., 1.)).via('discovered failure')
@@ -410,7 +410,10 @@ def test_adam_amsgrad_radam_equal_torch(case, steps):
 # ---------------------------------------------------------------- 4. determinism
 
 def check_identical_runs(case, fused):
-    (a, opt_a), (b, opt_b) = run(case, fused, 5), run(case, fused, 5)
+    a, opt_a = run(case, fused, 5)
+    fastopt.core._shared_steps.clear()   # so the second run traces and compiles a step of its own, as another process would
+    b, opt_b = run(case, fused, 5)
+    assert not fused or not {id(f) for f in opt_a._fns.values()} & {id(f) for f in opt_b._fns.values()}
     assert opt_a.fused == opt_b.fused == fused
     for x,y in zip(a, b): assert torch.equal(x, y)
     for sa,sb in zip(opt_a.state_dict()['state'], opt_b.state_dict()['state']):
