@@ -201,7 +201,7 @@ def compiled_step(fn:Callable, backend='inductor', options:dict|None=None) -> Ca
                          fullgraph=True, dynamic=False, backend=backend, options=options)
 
 _shared_steps = {}  # graph key: the compiled `flat_group_step` every bucket with that key runs, in any group or optimizer
-shared_steps_kept = 64  # How many compiled steps the process keeps for optimizers yet to come (the least recently used go first)
+shared_steps_kept = 64  # How many compiled steps the process keeps for optimizers yet to come, the least recently used going first (set it on `fastopt.core`)
 
 def _graph_key(cbs:list, args:dict, signature:tuple, names:tuple, per_tensor:tuple, backend, options:dict|None):
     "What a fused graph depends on besides the sizes it takes as dynamic (None if part of it cannot be hashed)"
