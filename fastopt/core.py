@@ -593,6 +593,7 @@ class Optimizer(fastai.optimizer.Optimizer):
     def _compile_options(self) -> dict|None:
         "The inductor options of the fused graphs: `flat_inductor_options` under `inductor_options`; other backends get `inductor_options` alone"
         if self.fused_backend != 'inductor': return self.inductor_options
+        register_graph_passes()
         return {**flat_inductor_options, **(self.inductor_options or {})}
 
     def _forget_layouts(self): self._flat = {}

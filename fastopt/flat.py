@@ -9,14 +9,14 @@ from typing import Sequence
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch._inductor.custom_graph_pass import CustomGraphPass
 from fastai.optimizer import _update
 try: from torch.distributed.tensor import DTensor, Replicate
 except ImportError: DTensor = None   # a torch built without distributed
 
 # %% auto #0
 __all__ = ['BLOCK', 'flat_inductor_options', 'channel_aligned', 'FlatLayout', 'tensor_sum', 'tensor_mean', 'tensor_norm',
-           'channel_sum', 'channel_mean', 'tensor_ndim', 'ColumnsAsScalars', 'flat_group_step', 'RealizeColumns']
+           'channel_sum', 'channel_mean', 'tensor_ndim', 'ColumnsAsScalars', 'flat_group_step', 'RealizeColumns',
+           'register_graph_passes']
 
 # %% ../nbs/00a_flat.ipynb #861552a5
 BLOCK = 64 # Elements per block: every tensor starts on a block boundary
@@ -298,7 +298,7 @@ def _feeds_larger(n) -> bool:
     if k == 'column': return any(_shape_kind(u) == 'full' for u in n.users)
     return k == 'tensor' and any(_shape_kind(u) != 'tensor' for u in n.users)
 
-class RealizeColumns(CustomGraphPass):
+class RealizeColumns:
     "Inductor pass: store each per-tensor or per-block value that costs a power or a transcendental function and that larger values use, so it is computed once per tensor or block, not in every vector"
     def __call__(self, graph):
         for n in graph.nodes:
@@ -306,3 +306,8 @@ class RealizeColumns(CustomGraphPass):
     def uuid(self): return f'fastopt-realize-columns-{BLOCK}-v3'   # part of inductor's cache key
 
 flat_inductor_options = {'cpp.dynamic_threads': True, 'cpp.enable_loop_tail_vec': False, 'post_grad_custom_post_pass': RealizeColumns()}  # what the fused path gives inductor
+
+def register_graph_passes():
+    "Make `RealizeColumns` an inductor `CustomGraphPass`, which inductor needs to cache the graphs it runs on; the fused path calls this before it compiles, so that `import fastopt` does not import inductor"
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    CustomGraphPass.register(RealizeColumns)

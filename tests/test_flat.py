@@ -270,6 +270,8 @@ def test_inductor_options_merge_over_the_flat_ones():
     from fastopt.flat import flat_inductor_options, RealizeColumns
     opt = fastopt.Adam([torch.zeros(3, requires_grad=True)], lr=1e-3, fused=True)
     assert opt._compile_options() == flat_inductor_options and isinstance(opt._compile_options()['post_grad_custom_post_pass'], RealizeColumns)
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    assert isinstance(flat_inductor_options['post_grad_custom_post_pass'], CustomGraphPass), 'inductor caches graphs only with a CustomGraphPass'
     opt.inductor_options = {'cpp.dynamic_threads': False, 'max_autotune': True}
     assert opt._compile_options() == {**flat_inductor_options, 'cpp.dynamic_threads': False, 'max_autotune': True}
     opt.fused_backend = 'aot_eager'
