@@ -16,8 +16,6 @@ from fastcore.foundation import L
 import fastai.optimizer
 from fastai.optimizer import weight_decay, l2_reg, average_grad, average_sqr_grad, _update
 from .flat import *
-try: from torch.distributed.tensor import DTensor, Shard
-except ImportError: DTensor = Shard = None   # a torch built without distributed
 
 # %% auto #0
 __all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'shared_steps_kept', 'flat_versions', 'momentum_stats', 'adam_stats',
@@ -345,7 +343,7 @@ class _Bucket:
         if live != self._live: self._live,self._mask = live,_dynamic_size(self.layout.per_block(live, torch.float64) > 0)
         return self._mask
 
-def _local(t:Tensor) -> Tensor: return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+def _local(t:Tensor) -> Tensor: return t.to_local() if is_dtensor(t) else t
 
 def _shards_filled(p) -> bool:
     "Whether every rank holds some of `p` (FSDP2 chunks dim 0 like `torch.chunk`: 5 rows over 4 ranks leave the last empty); global, so the same on every rank"
@@ -354,12 +352,13 @@ def _shards_filled(p) -> bool:
 
 def _shard_signature(p:Tensor, state:dict, channels:bool, bools:set, read:set):
     "The bucket of a DTensor parameter (FSDP2: `Shard(0)` on a 1-D mesh) whose step can run on flat copies of this rank's shards; None: it steps eagerly"
-    if DTensor is None or not isinstance(p, DTensor) or channels or p.ndim == 0: return None
+    if not is_dtensor(p) or channels or p.ndim == 0: return None
+    from torch.distributed.tensor import Shard
     if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or not _shards_filled(p) or not _dense(p._local_tensor): return None
     kinds = []
     for k,v in sorted(state.items()):
         if k in bools and isinstance(v, bool): continue
-        if isinstance(v, DTensor):
+        if is_dtensor(v):
             if v.shape == p.shape and v.dtype == p.dtype and v.placements == p.placements: kinds.append((k, 'elem', v.dtype))
             elif v.ndim == 0 and all(pl.is_replicate() for pl in v.placements) and v.is_floating_point(): kinds.append((k, 'scalar', v.dtype))
             else: return None
@@ -434,14 +433,14 @@ def _chunks(params:list, limit:int|None) -> list:
     return res
 
 def _reduces(cbs) -> bool:
-    "Whether a callback takes the flat `layout`: it reduces over tensors or channels, so its step may store a buffer-sized temporary"
+    "Whether a callback takes the flat `layout`: it reduces over tensors or channels, so its step runs in more than one pass"
     return any('layout' in _cb_names(cb) for cb in cbs)
 
 class _GroupLayouts:
     "A group's parameters that step fused, bucketed by device, dtype and state signature"
     def __init__(self, opt, params:list):
         channels = any(_cb_attr(cb, 'per_channel') for cb in opt.cbs)
-        limit = opt.fused_chunk_bytes if _reduces(opt.cbs) else None   # elementwise steps store no temporary: one bucket is faster
+        limit = opt.fused_chunk_bytes
         bools,read = _per_block_bools(opt.cbs),set().union(*map(_cb_names, opt.cbs))
         shaped = [f for f in (_cb_attr(cb, 'needs_shape') for cb in opt.cbs) if f]   # per-matrix work (Muon) needs the parameter's own shape
         by = {}
@@ -479,7 +478,7 @@ class Optimizer(fastai.optimizer.Optimizer):
 
     fused_backend = 'inductor' # The `torch.compile` backend of the fused path
     inductor_options = None # Options for inductor, over `flat_inductor_options`
-    fused_chunk_bytes = 30 * 2**20 # A fused bucket of an optimizer that reduces holds at most this many bytes per flat buffer (see `_chunks`)
+    fused_chunk_bytes = None # None: a group's fused bucket is one; a number of bytes: its flat buffers hold at most this many each (see `_chunks`)
     auto_fuse_numel = 2**20 # `fused='auto'` fuses a group once its parameters hold this many values
 
     def set_hyper(self, k, v):
@@ -591,10 +590,10 @@ class Optimizer(fastai.optimizer.Optimizer):
             p.grad.zero_()
 
     def _compile_options(self) -> dict|None:
-        "The inductor options of the fused graphs: `flat_inductor_options` under `inductor_options`; other backends get `inductor_options` alone"
+        "The inductor options of the fused graphs: `flat_inductor_options` (and `recompute_inductor_options` if a callback reduces) under `inductor_options`; other backends get `inductor_options` alone"
         if self.fused_backend != 'inductor': return self.inductor_options
         register_graph_passes()
-        return {**flat_inductor_options, **(self.inductor_options or {})}
+        return {**flat_inductor_options, **(recompute_inductor_options if _reduces(self.cbs) else {}), **(self.inductor_options or {})}
 
     def _forget_layouts(self): self._flat = {}
 

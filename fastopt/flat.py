@@ -9,14 +9,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+import sys
 from fastai.optimizer import _update
-try: from torch.distributed.tensor import DTensor, Replicate
-except ImportError: DTensor = None   # a torch built without distributed
 
 # %% auto #0
-__all__ = ['BLOCK', 'flat_inductor_options', 'channel_aligned', 'FlatLayout', 'tensor_sum', 'tensor_mean', 'tensor_norm',
-           'channel_sum', 'channel_mean', 'tensor_ndim', 'ColumnsAsScalars', 'flat_group_step', 'RealizeColumns',
-           'register_graph_passes']
+__all__ = ['BLOCK', 'flat_inductor_options', 'recompute_inductor_options', 'channel_aligned', 'FlatLayout', 'is_dtensor',
+           'tensor_sum', 'tensor_mean', 'tensor_norm', 'channel_sum', 'channel_mean', 'tensor_ndim', 'ColumnsAsScalars',
+           'flat_group_step', 'RealizeColumns', 'register_graph_passes']
 
 # %% ../nbs/00a_flat.ipynb #861552a5
 BLOCK = 64 # Elements per block: every tensor starts on a block boundary
@@ -177,10 +176,16 @@ def _row_of(shape) -> int: return math.prod(shape[1:])
 # %% ../nbs/00a_flat.ipynb #3af2ec7c
 def _one(xs): return xs[0] if len(xs) == 1 else tuple(xs)
 
-def _dtensors(xs) -> bool: return DTensor is not None and all(isinstance(x, DTensor) for x in xs)
+def is_dtensor(x) -> bool:
+    "Whether `x` is a DTensor, without importing `torch.distributed.tensor` (about a second) where nothing has: no DTensor exists before it is imported"
+    m = sys.modules.get('torch.distributed.tensor')
+    return m is not None and hasattr(m, 'DTensor') and isinstance(x, m.DTensor)
+
+def _dtensors(xs) -> bool: return all(map(is_dtensor, xs))
 
 def _over_ranks(rs:list) -> list:
     "0-d DTensor reductions (partial: one sum per shard) completed over the ranks, all of one helper call in one all-reduce"
+    from torch.distributed.tensor import Replicate
     s = torch.stack(rs)   # without this, DTensor all-reduces a partial value again at every later use of it
     return list(s.redistribute(s.device_mesh, [Replicate()] * s.device_mesh.ndim).unbind(0))
 
@@ -306,6 +311,7 @@ class RealizeColumns:
     def uuid(self): return f'fastopt-realize-columns-{BLOCK}-v3'   # part of inductor's cache key
 
 flat_inductor_options = {'cpp.dynamic_threads': True, 'cpp.enable_loop_tail_vec': False, 'post_grad_custom_post_pass': RealizeColumns()}  # what the fused path gives inductor
+recompute_inductor_options = {'realize_reads_threshold': 2**20}  # and a step that reduces: its passes recompute values instead of storing them
 
 def register_graph_passes():
     "Make `RealizeColumns` an inductor `CustomGraphPass`, which inductor needs to cache the graphs it runs on; the fused path calls this before it compiles, so that `import fastopt` does not import inductor"

@@ -8,7 +8,8 @@
   eagerly, with the results of the eager path (rtol 1e-5) and frozen parameters bit-identical.
 - One graph per bucket whatever the number of tensors: a new model of another size reuses it without recompiling, and
   a second optimizer of the same kind (new `partial` callbacks included) runs the first one's compiled step without tracing.
-- Only optimizers that reduce are cut into chunks.
+- A group is one bucket unless `fused_chunk_bytes` asks for chunks, and a step that reduces stores no temporary of the
+  buffers' size.
 """
 from functools import partial
 import pytest
@@ -176,17 +177,35 @@ def test_a_group_cut_into_chunks_steps_like_one():
     for s,t in zip(sd['state'], eopt.state_dict()['state']):
         for k in s: torch.testing.assert_close(s[k], t[k], rtol=1e-5, atol=1e-6)
 
-def test_only_reducing_optimizers_are_chunked():
-    "Elementwise optimizers keep a group in one bucket whatever its size; those whose callbacks reduce (take `layout`) are cut at `fused_chunk_bytes`"
+def test_a_group_is_one_bucket_unless_chunks_are_asked_for():
+    "A group's fused parameters of one kind are one bucket whatever their size and optimizer; `fused_chunk_bytes` cuts any optimizer's between parameters"
     from fastopt.core import _GroupLayouts
-    for name, chunks in [('Adam', 1), ('SGD', 1), ('SAdam', 1), ('Lamb', 2), ('AdamGC', 2)]:
-        ps = [torch.randn(8, 64, requires_grad=True) for _ in range(4)]   # 2 KiB each, whole rows of 64 (per-channel AdamGC lays them out)
-        opt = getattr(fastopt, name)(ps, lr=1e-2, fused=True)
-        opt.fused_chunk_bytes = 4096
-        for p in ps: p.grad = torch.randn_like(p)
-        opt.step()   # the first step is eager and creates the state
-        buckets = _GroupLayouts(opt, ps).buckets
-        assert len(buckets) == chunks and sum(len(b.params) for b in buckets.values()) == 4, (name, list(buckets))
+    for name in ('Adam', 'SAdam', 'Lamb', 'AdamGC'):
+        for size, limit, chunks in ((2**21, None, 1), (512, 4096, 2)):   # 5 of 8 MiB (more than the 30 MiB chunks reductions had), 5 of 2 KiB
+            ps = [torch.randn(size // 64, 64, requires_grad=True) for _ in range(5)]   # whole rows of 64: per-channel AdamGC lays them out
+            opt = getattr(fastopt, name)(ps, lr=1e-2, fused=True)
+            if limit: opt.fused_chunk_bytes = limit
+            for p in ps: p.grad = torch.randn_like(p)
+            opt.step()   # the first step is eager and creates the state
+            buckets = _GroupLayouts(opt, ps).buckets
+            assert [len(b.params) for b in buckets.values()] == ([5] if chunks == 1 else [2, 2, 1]), (name, limit, list(buckets))
+
+def test_reducing_steps_store_no_buffer_sized_temporary():
+    "The passes of a step that reduces recompute what they need (`recompute_inductor_options`): its compiled code allocates nothing of the flat buffers' `[nblocks, 64]` size, where Lamb's stored its update and AdamAWD its new weights"
+    import re
+    from torch._inductor.utils import run_and_get_code
+    for name in ('Lamb', 'AdamAWD'):
+        m = model()
+        opt = getattr(fastopt, name)(list(m.parameters()), lr=1e-2, fused=True)
+        x, y = data()
+        def steps():
+            for _ in range(2):
+                nn.functional.cross_entropy(m(x), y).backward()
+                opt.step(); opt.zero_grad()
+        _, codes = run_and_get_code(steps)
+        allocs = [l.strip() for c in codes for l in c.splitlines() if 'empty_strided_cpu((' in l]
+        assert opt.fused and in_buffers(opt) and any(re.search(r'empty_strided_cpu\(\(s\d+, ', a) for a in allocs), (name, allocs)   # per-block values: sized by the block count
+        assert not [a for a in allocs if re.search(r'empty_strided_cpu\(\(s\d+, %d\)' % BLOCK, a)], (name, allocs)
 
 def test_chunks_cut_between_parameters():
     from fastopt.core import _chunks
@@ -266,7 +285,7 @@ def test_dtensor_parameters_step_fused_on_their_shards():
     finally: dist.destroy_process_group()
 
 def test_inductor_options_merge_over_the_flat_ones():
-    "The fused graphs get `flat_inductor_options` under the user's `inductor_options`; another backend gets the user's alone"
+    "The fused graphs get `flat_inductor_options` (and `recompute_inductor_options` where a callback reduces) under the user's `inductor_options`; another backend gets the user's alone"
     from fastopt.flat import flat_inductor_options, RealizeColumns
     opt = fastopt.Adam([torch.zeros(3, requires_grad=True)], lr=1e-3, fused=True)
     assert opt._compile_options() == flat_inductor_options and isinstance(opt._compile_options()['post_grad_custom_post_pass'], RealizeColumns)
@@ -276,3 +295,7 @@ def test_inductor_options_merge_over_the_flat_ones():
     assert opt._compile_options() == {**flat_inductor_options, 'cpp.dynamic_threads': False, 'max_autotune': True}
     opt.fused_backend = 'aot_eager'
     assert opt._compile_options() == {'cpp.dynamic_threads': False, 'max_autotune': True}
+    lamb = fastopt.Lamb([torch.zeros(3, requires_grad=True)], lr=1e-3, fused=True)
+    assert lamb._compile_options() == {**flat_inductor_options, **recompute_inductor_options}, 'a step that reduces recomputes in each pass'
+    lamb.inductor_options = {'realize_reads_threshold': 4}
+    assert lamb._compile_options()['realize_reads_threshold'] == 4, "the user's options come last"
