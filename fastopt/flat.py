@@ -4,12 +4,11 @@
 
 # %% ../nbs/00a_flat.ipynb #e19f99e1
 from __future__ import annotations
-import math
+import math, sys
 from typing import Sequence
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-import sys
 from fastai.optimizer import _update
 
 # %% auto #0

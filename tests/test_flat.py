@@ -8,8 +8,8 @@
   eagerly, with the results of the eager path (rtol 1e-5) and frozen parameters bit-identical.
 - One graph per bucket whatever the number of tensors: a new model of another size reuses it without recompiling, and
   a second optimizer of the same kind (new `partial` callbacks included) runs the first one's compiled step without tracing.
-- A group is one bucket unless `fused_chunk_bytes` asks for chunks, and a step that reduces stores no temporary of the
-  buffers' size.
+- A group is one bucket unless `fused_chunk_bytes` asks for chunks (that no step stores a temporary of the buffers'
+  size is checked in test_fused.py).
 """
 from functools import partial
 import pytest
@@ -181,31 +181,14 @@ def test_a_group_is_one_bucket_unless_chunks_are_asked_for():
     "A group's fused parameters of one kind are one bucket whatever their size and optimizer; `fused_chunk_bytes` cuts any optimizer's between parameters"
     from fastopt.core import _GroupLayouts
     for name in ('Adam', 'SAdam', 'Lamb', 'AdamGC'):
-        for size, limit, chunks in ((2**21, None, 1), (512, 4096, 2)):   # 5 of 8 MiB (more than the 30 MiB chunks reductions had), 5 of 2 KiB
+        for size, limit, want in ((2**21, None, [5]), (512, 4096, [2, 2, 1])):   # 5 of 8 MiB (more than the 30 MiB chunks reductions had), 5 of 2 KiB
             ps = [torch.randn(size // 64, 64, requires_grad=True) for _ in range(5)]   # whole rows of 64: per-channel AdamGC lays them out
             opt = getattr(fastopt, name)(ps, lr=1e-2, fused=True)
             if limit: opt.fused_chunk_bytes = limit
             for p in ps: p.grad = torch.randn_like(p)
             opt.step()   # the first step is eager and creates the state
             buckets = _GroupLayouts(opt, ps).buckets
-            assert [len(b.params) for b in buckets.values()] == ([5] if chunks == 1 else [2, 2, 1]), (name, limit, list(buckets))
-
-def test_reducing_steps_store_no_buffer_sized_temporary():
-    "The passes of a step that reduces recompute what they need (`recompute_inductor_options`): its compiled code allocates nothing of the flat buffers' `[nblocks, 64]` size, where Lamb's stored its update and AdamAWD its new weights"
-    import re
-    from torch._inductor.utils import run_and_get_code
-    for name in ('Lamb', 'AdamAWD'):
-        m = model()
-        opt = getattr(fastopt, name)(list(m.parameters()), lr=1e-2, fused=True)
-        x, y = data()
-        def steps():
-            for _ in range(2):
-                nn.functional.cross_entropy(m(x), y).backward()
-                opt.step(); opt.zero_grad()
-        _, codes = run_and_get_code(steps)
-        allocs = [l.strip() for c in codes for l in c.splitlines() if 'empty_strided_cpu((' in l]
-        assert opt.fused and in_buffers(opt) and any(re.search(r'empty_strided_cpu\(\(s\d+, ', a) for a in allocs), (name, allocs)   # per-block values: sized by the block count
-        assert not [a for a in allocs if re.search(r'empty_strided_cpu\(\(s\d+, %d\)' % BLOCK, a)], (name, allocs)
+            assert [len(b.params) for b in buckets.values()] == want, (name, limit, list(buckets))
 
 def test_chunks_cut_between_parameters():
     from fastopt.core import _chunks

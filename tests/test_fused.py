@@ -1,13 +1,15 @@
 """The fused path: one compiled computation per parameter group (over flat buffers) runs the same stats and steppers as
-the eager path, gives the same results (float32, 100 steps, rtol 1e-5), does not recompile as lr, mom and step counts
+the eager path, gives the same results (float32, 100 steps, rtol 1e-5) without storing a temporary of the buffers' size, does not recompile as lr, mom and step counts
 change or on freeze/unfreeze, and keeps the same state, so either mode can resume the other's. The pitfalls of flat
 buffers are tested in test_flat.py."""
-import copy
+import copy, re
 from functools import partial
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
 import fastopt
+from fastopt.core import _reduces
 from helpers import SEED_OPTIMIZERS as optimizers
 
 # Every optimizer with its defaults (the graphs test_hostile and test_resume compile too, so inductor's cache serves them
@@ -42,10 +44,15 @@ def run(name, fused, n=100, **kw):
 
 @pytest.mark.parametrize('name,kw', CASES, ids=[f'{n}-{kw}' for n,kw in CASES])
 def test_fused_equals_eager(name, kw):
-    fused, opt = run(name, True, **kw)
+    "Fused equals eager; and the compiled step stores no temporary of the flat buffers' `[nblocks, 64]` size (a reducing step's passes recompute instead: `recompute_inductor_options`)"
+    (fused, opt), codes = run_and_get_code(run, name, True, **kw)
     assert opt.fused and all(opt._flat[i].buckets for i in (0, 1)), 'the fused path fell back to eager, which would make this comparison vacuous'
     eager, _ = run(name, False, **kw)
     for a,b in zip(fused, eager): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    allocs = [l.strip() for c in codes for l in c.splitlines() if 'empty_strided_cpu((' in l]
+    assert codes, 'no compiled code captured'
+    if _reduces(opt.cbs): assert any(re.search(r'empty_strided_cpu\(\(s\d+, ', a) for a in allocs), allocs   # its per-block sums, sized by the block count: the pattern matches this inductor's code
+    assert not [a for a in allocs if re.search(r'empty_strided_cpu\(\(s\d+, 64\)', a)], allocs
 
 def test_l2_decay_skips_do_wd_false_when_fused():
     "fastxtend's ForEach path applied L2 decay to do_wd=False parameters: here such a parameter with zero grads stays put"
