@@ -24,12 +24,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastopt
-from spawning import join_or_fail
+from spawning import start, join_or_fail
 
 WORLD = 2
 N_STEPS = 10
@@ -142,8 +141,7 @@ def _worker(rank, init_method, out_dir, cases):
 
 def run_ddp(cases, out_dir):
     "Spawn WORLD ranks that run `cases`; return {case: [rank 0's results, rank 1's, ...]}"
-    ctx = mp.start_processes(_worker, args=(f"file://{out_dir}/store", str(out_dir), cases),
-                             nprocs=WORLD, join=False, start_method='spawn')
+    ctx = start(_worker, (f"file://{out_dir}/store", str(out_dir), cases), WORLD)
     join_or_fail(ctx, JOIN_TIMEOUT, f"the DDP ranks running {cases} (a rank stuck in a collective?)")
     return {c: [torch.load(out_dir / f"{c}-rank{r}.pt", weights_only=False) for r in range(WORLD)] for c in cases}
 

@@ -34,13 +34,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import fastopt
-from spawning import join_or_fail
+from spawning import start, join_or_fail
 from fastopt.sharding import sharded_state_dict, load_sharded_state_dict, step_collectives, local
 
 # helpers.SEED_OPTIMIZERS and fastai's four namesakes (named here: importing the registry costs every spawned rank ~2 s)
@@ -220,7 +219,7 @@ def _worker(rank, world, out, jobs):
 
 def spawn(world, jobs, out):
     t0 = time.perf_counter()
-    ctx = mp.start_processes(_worker, args=(world, str(out), jobs), nprocs=world, join=False, start_method='spawn')
+    ctx = start(_worker, (world, str(out), jobs), world)
     join_or_fail(ctx, JOIN_TIMEOUT, f"the {world} ranks running {jobs}")
     res = {}
     for job in jobs:

@@ -42,6 +42,11 @@ class OverflowOnFirstBatch(Callback):
         if self.training and len(self.moved) < 2:
             self.moved.append(not all(torch.equal(a, b) for a,b in zip(self.before, self.model.parameters())))
 
+# Epochs of `fit_one_cycle`. Autocast makes the CPU convolutions 5x slower, so each run is as short as reaching the
+# accuracy bar with room allows. After two epochs the lowest accuracies were 0.93 under bf16 (SUAdam) and 0.90 under fp16
+# (BAdam). BAdam under bf16 reached 0.78 after two and 0.86 after three, so it gets four.
+def epochs(name, amp_mode): return 4 if (name, amp_mode) == ('BAdam', 'bf16') else 2
+
 def learner(name, amp_mode, *cbs):
     hypers = dict(SETTINGS[name])
     lr = hypers.pop('lr')
@@ -52,7 +57,7 @@ def learner(name, amp_mode, *cbs):
 def test_bf16_autocast_trains(name):
     rec = ActivationDtype()
     learn, lr = learner(name, 'bf16', rec)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(4, lr)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs(name, 'bf16'), lr)
     assert rec.dtypes == {torch.bfloat16}, 'autocast did not run'
     assert all(p.dtype == torch.float32 for p in learn.model.parameters())
     with learn.no_bar(): _, acc = learn.validate()
@@ -62,7 +67,7 @@ def test_bf16_autocast_trains(name):
 def test_fp16_scaler_skips_the_overflowing_step(name):
     rec = OverflowOnFirstBatch()
     learn, lr = learner(name, 'fp16', rec)
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(3, lr)
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs(name, 'fp16'), lr)
     assert rec.moved == [False, True], rec.moved
     assert all(torch.isfinite(p).all() for p in learn.model.parameters())
     with learn.no_bar(): _, acc = learn.validate()

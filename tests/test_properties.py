@@ -26,7 +26,8 @@ RMSProp, QHAdam and Larc.
    eps·√(1-β2^t) at step t: the same denominator exactly, for any eps. Tolerance float64 rtol 1e-10, atol 1e-12
    (both sides compute the same formulas in a different order: a few ulps per step); float32 rtol 1e-5, atol 1e-6
    (the same few ulps at float32's 1.2e-7; torch's lerp for the first moment rounds its weight 1-β1 to float32).
-4. Two identical runs are bit-identical (torch.equal on parameters and every state tensor), eager and fused.
+4. Two identical runs are bit-identical (torch.equal on parameters and every state tensor), eager and fused; the
+   second fused run traces and compiles a step of its own, and is checked inside property 2's test, after its first run.
 5. From fresh state, 7 steps of all-zero gradients with wd=0 leave every parameter bit-identical (torch.equal), for
    every builder, eager and fused: each update is zero at zero gradient (eps > 0 is drawn: with eps=0 Adam-style
    steps divide 0 by 0, and Larc's local rate divides by eps).
@@ -370,7 +371,7 @@ def assert_all_close(a, b, dtype):
 @example(Case('Adam', dict(lr=1e-2, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0., decouple_wd=True), [[((), True, False), ((3,), True, False)]],
               [1e-2], torch.float64, 0, 1., 1.)).via('discovered failure')
 def test_fused_equals_eager(case):
-    "The compiled group step gives the eager step's parameters for random builders, hypers, shapes and dtypes"
+    "The compiled group step gives the eager step's parameters for random builders, hypers, shapes and dtypes; a second fused run, compiling a step of its own, gives the same bits (property 4)"
     fused, opt = run(case, True, 5)
     assert opt.fused, 'the fused path fell back to eager, which would make this comparison vacuous'
     # 0-d and empty parameters step eagerly even when fused, and so, for optimizers with per-channel reductions, do
@@ -378,6 +379,7 @@ def test_fused_equals_eager(case):
     per_channel = any(getattr(cb, 'per_channel', None) or getattr(getattr(cb, 'func', None), 'per_channel', None) for cb in opt.cbs)
     flat = [p for pg in opt.param_lists for p in pg if p.ndim > 0 and p.numel() > 0 and (not per_channel or fastopt.flat.channel_aligned(p))]
     assert opt._fns or not flat, 'nothing was compiled'
+    check_identical_runs(case, True, (fused, opt))
     eager, _ = run(case, False, 5)
     assert_all_close(fused, eager, case.dtype)
 
@@ -409,8 +411,9 @@ def test_adam_amsgrad_radam_equal_torch(case, steps):
 
 # ---------------------------------------------------------------- 4. determinism
 
-def check_identical_runs(case, fused):
-    a, opt_a = run(case, fused, 5)
+def check_identical_runs(case, fused, first=None):
+    "A second run of `case` gives bit-identical parameters and state to the first (`run`'s result, made here unless given)"
+    a, opt_a = first or run(case, fused, 5)
     fastopt.core._shared_steps.clear()   # so the second run traces and compiles a step of its own, as another process would
     b, opt_b = run(case, fused, 5)
     assert not fused or not {id(f) for f in opt_a._fns.values()} & {id(f) for f in opt_b._fns.values()}
@@ -426,11 +429,7 @@ def test_two_eager_runs_are_bit_identical(case):
     "Two eager runs of the same case give bit-identical parameters and state"
     check_identical_runs(case, False)
 
-@settings(deadline=None, max_examples=5, suppress_health_check=SLOW, phases=NO_SHRINK)
-@given(cases(max_groups=1))
-def test_two_fused_runs_are_bit_identical(case):
-    "Two fused runs of the same case, each compiling its own graph, give bit-identical parameters and state"
-    check_identical_runs(case, True)
+# Two fused runs are compared in test_fused_equals_eager (property 2), which has made the first of them already.
 
 # ---------------------------------------------------------------- 5. zero gradients leave parameters unchanged
 # Why every builder's update is exactly zero at zero gradient (with eps > 0 and wd = 0), so none is excluded:
