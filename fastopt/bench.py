@@ -131,9 +131,10 @@ import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[3]))
 name, set_name = sys.argv[1], sys.argv[2]
 if name == 'one-op':
-    f = torch.compile(lambda x: x + 1, fullgraph=True)
     x = torch.randn(1000)
-    start = time.perf_counter(); f(x); print(json.dumps(dict(seconds=time.perf_counter() - start, fused=True)))
+    start = time.perf_counter()   # torch.compile imports dynamo, which fastopt imports in the fused step timed below
+    f = torch.compile(lambda x: x + 1, fullgraph=True)
+    f(x); print(json.dumps(dict(seconds=time.perf_counter() - start, fused=True)))
 else:
     import fastopt
     from fastopt.bench import make_params, param_sets, _kwargs
