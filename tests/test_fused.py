@@ -44,7 +44,7 @@ def run(name, fused, n=100, **kw):
 
 @pytest.mark.parametrize('name,kw', CASES, ids=[f'{n}-{kw}' for n,kw in CASES])
 def test_fused_equals_eager(name, kw):
-    "Fused equals eager; and the compiled step stores no temporary of the flat buffers' `[nblocks, 64]` size (a reducing step's passes recompute instead: `recompute_inductor_options`)"
+    "Fused equals eager; the compiled step stores no temporary of the flat buffers' `[nblocks, 64]` size (a reducing step's passes recompute instead: `recompute_inductor_options`); with its defaults and wd=0, zero gradients move nothing"
     (fused, opt), codes = run_and_get_code(run, name, True, **kw)
     assert opt.fused and all(opt._flat[i].buckets for i in (0, 1)), 'the fused path fell back to eager, which would make this comparison vacuous'
     eager, _ = run(name, False, **kw)
@@ -53,6 +53,21 @@ def test_fused_equals_eager(name, kw):
     assert codes, 'no compiled code captured'
     if _reduces(opt.cbs): assert any(re.search(r'empty_strided_cpu\(\(s\d+, ', a) for a in allocs), allocs   # its per-block sums, sized by the block count: the pattern matches this inductor's code
     assert not [a for a in allocs if re.search(r'empty_strided_cpu\(\(s\d+, 64\)', a)], allocs
+    if 'wd' not in kw: assert_zero_grads_move_nothing(name, **kw)
+
+def assert_zero_grads_move_nothing(name, **kw):
+    "With wd=0, 7 fused steps on all-zero gradients from fresh state leave every parameter bit-identical (why each update is then zero: tests/test_properties.py, property 5)"
+    groups = make_params()
+    init = [p.detach().clone() for pg in groups for p in pg]
+    # wd=0 is the default of all but Adam and AMSGrad, so the others step with the graph the fused run above compiled
+    opt = getattr(fastopt, name)(groups, lr=1e-2, fused=True, **{**kw, 'wd': 0.})
+    for _ in range(7):
+        for pg in groups:
+            for p in pg: p.grad = torch.zeros_like(p)
+        opt.step()
+    assert opt.fused and all(opt._flat[i].buckets for i in (0, 1)), 'the fused path fell back to eager'
+    for i,(p,p0) in enumerate(zip([p for pg in groups for p in pg], init)):
+        assert torch.equal(p, p0), f'{name}: parameter {i} {tuple(p.shape)} moved by up to {(p - p0).abs().max().item():.3g} on zero gradients'
 
 def test_l2_decay_skips_do_wd_false_when_fused():
     "fastxtend's ForEach path applied L2 decay to do_wd=False parameters: here such a parameter with zero grads stays put"
