@@ -29,8 +29,9 @@ RMSProp, QHAdam and Larc.
 4. Two identical runs are bit-identical (torch.equal on parameters and every state tensor), eager and fused; the
    second fused run traces and compiles a step of its own, and is checked inside property 2's test, after its first run.
 5. From fresh state, 7 steps of all-zero gradients with wd=0 leave every parameter bit-identical (torch.equal), for
-   every builder, eager here and fused in tests/test_fused.py (one fixed case per builder, on that test's compiled graph): each update is zero at zero gradient (eps > 0 is drawn: with eps=0 Adam-style
-   steps divide 0 by 0, and Larc's local rate divides by eps).
+   every builder, eager here and fused in tests/test_fused.py (one fixed case per builder, on that test's compiled
+   graph): each update is zero at zero gradient (eps > 0 is drawn: with eps=0 Adam-style steps divide 0 by 0, and
+   Larc's local rate divides by eps).
 
 Fused tests skip Hypothesis's shrink phase (each shrink step would compile again). Examples marked
 `.via('discovered failure')` are bugs these properties found, pinned so that they fail deterministically until fixed and
