@@ -1,7 +1,7 @@
 """The fused path: one compiled computation per parameter group (over flat buffers) runs the same stats and steppers as
-the eager path, gives the same results (float32, 100 steps, rtol 1e-5) without storing a temporary of the buffers' size, does not recompile as lr, mom and step counts
-change or on freeze/unfreeze, and keeps the same state, so either mode can resume the other's. The pitfalls of flat
-buffers are tested in test_flat.py."""
+the eager path, gives the same results (float32, 100 steps, rtol 1e-5) without storing a temporary of the buffers'
+size, moves nothing on zero gradients, does not recompile as lr, mom and step counts change or on freeze/unfreeze, and
+keeps the same state, so either mode can resume the other's. The pitfalls of flat buffers are tested in test_flat.py."""
 import copy, re
 from functools import partial
 import pytest
