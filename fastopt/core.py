@@ -71,26 +71,71 @@ static_hypers = {'wd', 'beta'}
 # %% ../nbs/00_core.ipynb #d961247b
 _ln2_hi,_ln2_lo = 0.693359375, -2.12194440e-4   # ln 2 in two parts, the first with few enough bits that n·hi is exact in float32 for n ≤ 126 (Cody and Waite's reduction)
 
+_exp_coefs = (1., 1., 0.49999141693115234, 0.1666688621044159, 0.04189858213067055, 0.008333838544785976)   # e^r ≈ Σ c_k·r^k where |r| ≤ ln(2)/2 (fitted below)
+_log1p_coefs = (1., -0.49998727440834045, 0.33304455876350403, -0.2474081814289093, 0.18749146163463593,
+                -0.12972129881381989, 0.07068488746881485, -0.02516378089785576, 0.004206794314086437)   # log(1 + u) ≈ u·Σ c_k·u^k where 0 ≤ u ≤ 1 (fitted below)
+
+def _fma(
+    a:Tensor, # A tensor
+    b, # A tensor or a number
+    c, # A tensor or a number
+) -> Tensor:
+    "`a`·`b` + `c` rounded once: a fused multiply-add in a compiled CPU or CUDA kernel, float64 arithmetic run eagerly (where `a`·`b` is exact)"
+    if not torch.compiler.is_compiling(): return (a.double() * b + c).to(a.dtype)   # what the compiled kernel computes, so the checks below check it
+    if a.device.type not in ('cpu', 'cuda'): return a * b + c
+    from torch._inductor.inductor_prims import fma   # inductor's prim, which its kernels write as one instruction
+    as_tensor = lambda v: v if isinstance(v, Tensor) else torch.tensor(v, dtype=a.dtype, device=a.device)
+    return fma(a, as_tensor(b), as_tensor(c))
+
+def _horner(
+    x:Tensor, # Where to evaluate
+    coefs:tuple, # c_0, c_1, ..., lowest power first (two or more)
+) -> Tensor:
+    "Σ c_k·`x`^k by Horner's rule, a chain of fused multiply-adds"
+    acc = _fma(x, coefs[-1], coefs[-2])
+    for c in reversed(coefs[:-2]): acc = _fma(acc, x, c)
+    return acc
+
+def _power(x:Tensor, k:int) -> Tensor:
+    "`x`^`k` for an integer `k` ≥ 1 by repeated squaring"
+    result,base = None,x
+    while k:
+        if k & 1: result = base if result is None else result * base
+        k >>= 1
+        if k: base = base * base
+    return result
+
+def _polynomial(
+    x:Tensor, # Where to evaluate
+    coefs:tuple, # c_0, c_1, ..., lowest power first
+    split:int, # Where the upper half starts
+) -> Tensor:
+    "Σ c_k·`x`^k as A(x) + x^`split`·B(x), the lower and upper coefficients each by Horner's rule: two short chains a CPU core runs side by side, not one long one"
+    return _fma(_horner(x, coefs[split:]), _power(x, split), _horner(x, coefs[:split]))
+
 def _exp_neg_f32(
     z:Tensor, # float32, z ≥ 0
 ) -> Tensor:
-    "e^-`z` to about an ulp in plain arithmetic a compiled kernel keeps in vector registers: z = n·ln 2 - r with |r| ≤ ln(2)/2, e^r by its Taylor series to r^7, 2^-n built from its exponent bits; 0 where z ≥ 87"
+    "e^-`z` to 2 ulps in arithmetic a compiled kernel keeps in vector registers: z = n·ln 2 - r with |r| ≤ ln(2)/2, e^r by a degree-5 polynomial, 2^-n built from its exponent bits; 0 where z ≥ 87"
     zc = z.clamp_max(87.)
     n = torch.round(zc * (1 / math.log(2)))
-    r = (n * _ln2_hi - zc) + n * _ln2_lo
-    e = r * (1 / 5040) + 1 / 720
-    for k in (120, 24, 6, 2, 1, 1): e = e * r + 1 / k
-    return torch.where(z < 87., e * ((127 - n.to(torch.int32)) << 23).view(torch.float32), 0.)
+    r = _fma(n, _ln2_lo, _fma(n, _ln2_hi, -zc))
+    return torch.where(z < 87., _polynomial(r, _exp_coefs, 3) * ((127 - n.to(torch.int32)) << 23).view(torch.float32), 0.)
 
-def _log1p_unit_f32(
+def _log1p_by_u_f32(
     u:Tensor, # float32, 0 ≤ u ≤ 1
 ) -> Tensor:
-    "log(1 + `u`) to a few ulps: 2·atanh(s) with s = u/(2 + u) ≤ 1/3, by its series to s^13"
-    s = u / (u + 2)
-    s2 = s * s
-    q = s2 * (1 / 13) + 1 / 11
-    for k in (9, 7, 5, 3, 1): q = q * s2 + 1 / k
-    return 2 * s * q
+    "log(1 + `u`)/`u` by a degree-8 polynomial, without a division: `u` times it is log(1 + `u`) within 1e-7"
+    return _polynomial(u, _log1p_coefs, 4)
+
+def _softplus_f32(
+    x:Tensor, # float32
+    z:Tensor, # β|x|, capped
+    beta, # β > 0
+) -> Tensor:
+    "x⁺ + log(1 + e^-z)/β in the arithmetic above"
+    u = _exp_neg_f32(z)
+    return _fma(_log1p_by_u_f32(u), u * (1 / beta), x.clamp_min(0))
 
 def softplus(
     x:Tensor, # A denominator
@@ -100,7 +145,7 @@ def softplus(
     if not beta: return x
     z = beta * x.abs()   # where x > 0 and βx is over the cap, the log term is under 1e-19 (float64) or 1e-10 (narrower) of x, below rounding: the cap changes no result and keeps exp and log1p clear of subnormal numbers, which are slow
     z = torch.where(x > 0, z.clamp_max(40. if x.dtype == torch.float64 else 20.), z)
-    if x.dtype == torch.float32 and torch.compiler.is_compiling(): return x.clamp_min(0) + _log1p_unit_f32(_exp_neg_f32(z)) / beta
+    if x.dtype == torch.float32 and torch.compiler.is_compiling(): return _softplus_f32(x, z, beta)
     return x.clamp_min(0) + torch.log1p(torch.exp(-z)) / beta
 
 positive_beta = (lambda v: 0 < real(v) < math.inf, '0 < beta < inf: the softplus replaces eps, so it cannot be turned off')
