@@ -225,16 +225,21 @@ def tensor_ndim(x:Tensor, layout:FlatLayout|None=None):
 # %% ../nbs/00a_flat.ipynb #8c95064f
 def _per_tensor(x) -> bool: return x.ndim == 3 and x.shape[1] == 1 and x.shape[2] == 1
 
+_in_place = frozenset(getattr(Tensor, n) for n in dir(Tensor)   # the methods that write into the tensor they are called on (a set: dynamo traces no `str` methods)
+                      if n.endswith('_') and not n.endswith('__') or n == '__setitem__' or n.startswith('__i') and n.endswith('__') and n != '__init__')
+
 class ColumnsAsScalars(TorchFunctionMode):
     "Arithmetic on flat buffers as on the tensors they hold: a per-tensor value `[ntensors, 1, 1]` meeting block-shaped operands is spread to its blocks, and a float column (`[nblocks, 1]`, or a spread value) takes the dtype of the `[nblocks, BLOCK]` float operands it meets, as a 0-d tensor would"
     def __init__(self,
         layout:FlatLayout|None=None, # Where per-tensor values are spread to (None: only the dtype rule)
+        watch:Tensor|None=None, # A tensor whose in-place writes set `written` (the flat step's gradient)
     ):
         super().__init__()
-        self.layout = layout
+        self.layout,self.watch,self.written = layout,watch,False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs is None: kwargs = {}
+        if args and args[0] is self.watch and func in _in_place: self.written = True
         if len(args) < 2 and not kwargs: return func(*args, **kwargs)   # attribute reads, unary ops: nothing to promote
         full,cols,blocks,per_tensor = set(),set(),False,False
         for x in (*args, *kwargs.values()):
@@ -267,13 +272,17 @@ def flat_group_step(
     scalar_hypers:tuple=(), # Names of hypers given as the elements of `scalar_values` (the callbacks get them as 0-d tensors)
     scalar_values:Tensor|None=None, # A float64 vector: one input for all of them (each 0-d CPU float64 input makes dynamo trace the graph twice)
 ):
-    "Run `cbs` once on the flat buffers, per-tensor values spread and promoting like 0-d tensors; write back the parameter and state of the live blocks only, so tensors without a gradient stay as they were"
+    "Run `cbs` once on the flat buffers, per-tensor values spread and promoting like 0-d tensors; write back the parameter, the state and a gradient the callbacks changed, in the live blocks only, so tensors without a gradient stay as they were"
     old_p,old = p.clone(),{k: v.clone() for k,v in state.items()}
     hyper = {**hyper, **{k: scalar_values[i] for i,k in enumerate(scalar_hypers)}}
     st = {**state, **{k: state[k][layout.tensor_first_block].view(-1, 1, 1) for k in per_tensor}}
-    with ColumnsAsScalars(layout):
+    g = p.grad
+    old_g = g.clone()
+    mode = ColumnsAsScalars(layout, watch=g)   # made before `with`: dynamo binds no attributes to `with ... as`
+    with mode:
         for cb in cbs: st = _update(st, cb(p, **{**st, **hyper, 'layout': layout}))
     p.copy_(torch.where(live, p, old_p))
+    if mode.written: g.copy_(torch.where(live, g, old_g))   # a changed gradient written back like the rest: in the same pass
     for k,v in state.items():
         new = layout.spread(st[k]) if _per_tensor(st[k]) else st[k]
         v.copy_(torch.where(live, new, old[k]))

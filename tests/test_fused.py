@@ -40,15 +40,17 @@ def run(name, fused, n=100, **kw):
                 skip = i == 1 and j == 1 and t % 3 == 0
                 p.grad = None if frozen or skip else grad
         opt.step()
-    return [p.detach() for pg in groups for p in pg], opt
+    return [p.detach() for pg in groups for p in pg] + [p.grad for pg in groups for p in pg], opt
 
 @pytest.mark.parametrize('name,kw', CASES, ids=[f'{n}-{kw}' for n,kw in CASES])
 def test_fused_equals_eager(name, kw):
-    "Fused equals eager; the compiled step stores no temporary of the flat buffers' `[nblocks, 64]` size (a reducing step's passes recompute instead: `recompute_inductor_options`); with its defaults and wd=0, zero gradients move nothing"
+    "Fused equals eager, the gradients that callbacks change (`l2_reg`, `sign_grad`, `centralize_grad`) included; the compiled step stores no temporary of the flat buffers' `[nblocks, 64]` size (a reducing step's passes recompute instead: `recompute_inductor_options`); with its defaults and wd=0, zero gradients move nothing"
     (fused, opt), codes = run_and_get_code(run, name, True, **kw)
     assert opt.fused and all(opt._flat[i].buckets for i in (0, 1)), 'the fused path fell back to eager, which would make this comparison vacuous'
     eager, _ = run(name, False, **kw)
-    for a,b in zip(fused, eager): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for i,(a,b) in enumerate(zip(fused, eager)):
+        assert (a is None) == (b is None), f'value {i}: fused {a is None and "no gradient" or "a gradient"}, eager {b is None and "no gradient" or "a gradient"}'
+        if a is not None: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     allocs = [l.strip() for c in codes for l in c.splitlines() if 'empty_strided_cpu((' in l]
     assert codes, 'no compiled code captured'
     if _reduces(opt.cbs): assert any(re.search(r'empty_strided_cpu\(\(s\d+, ', a) for a in allocs), allocs   # its per-block sums, sized by the block count: the pattern matches this inductor's code
