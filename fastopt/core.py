@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #21711f0c
 from __future__ import annotations
-import copy, inspect, math, numbers, types, warnings
+import copy, inspect, math, numbers, operator, types, warnings
 from collections import defaultdict
 from functools import partial
 from typing import Callable, Iterable, MutableSequence
@@ -266,9 +266,12 @@ def shared_step(key:tuple|None, backend='inductor', options:dict|None=None) -> C
     while len(_shared_steps) > shared_steps_kept: _shared_steps.pop(next(iter(_shared_steps)))   # optimizers that hold one keep it
     return fn
 
-def _no_duck_shapes():
-    "Keep sizes that happen to be equal (blocks, tensors, channels) apart, so one graph serves every model"
-    return torch.fx.experimental._config.patch(use_duck_shape=False)
+class _no_duck_shapes:
+    "Keep sizes that happen to be equal (blocks, tensors, channels) apart, so one graph serves every model (a plain swap of the setting: `_config.patch` took 50 µs a step)"
+    def __enter__(self):
+        cfg = torch.fx.experimental._config
+        self.old,cfg.use_duck_shape = cfg.use_duck_shape,False
+    def __exit__(self, *exc): torch.fx.experimental._config.use_duck_shape = self.old
 
 def _dynamic_size(*ts):
     "Mark dim 0 of `ts` dynamic; return the first"
@@ -279,7 +282,7 @@ def _scalar_dtype(device): return torch.float32 if device.type == 'mps' else tor
 
 def _dynamic(k, v) -> bool:
     "Whether hyper `k` goes into a fused graph as a tensor (numbers that may change every step) or as it is"
-    return k not in static_hypers and isinstance(v, numbers.Real) and not isinstance(v, bool)
+    return k not in static_hypers and (type(v) in (float, int) or isinstance(v, numbers.Real) and not isinstance(v, bool))   # floats first: an ABC check is slow
 
 # %% ../nbs/00_core.ipynb #51429961
 def flat_weight_decay(p, lr, wd, do_wd=True, **kwargs):
@@ -365,9 +368,8 @@ class _Bucket:
 
     def valid(self) -> bool:
         "Whether every parameter and state tensor still lives in the flat buffers (cheap: data pointers and identities)"
-        if [p.data_ptr() for p in self.params] != self.ptrs: return False
-        state = self.opt.state
-        if any(state[p] is not d for p,d in zip(self.params, self.dicts)): return False
+        if list(map(Tensor.data_ptr, self.params)) != self.ptrs: return False
+        if any(map(operator.is_not, map(self.opt.state.__getitem__, self.params), self.dicts)): return False
         for k,vs in self.views.items():
             if any(d.get(k) is not v for d,v in zip(self.dicts, vs)): return False
         for k,x in self.statics.items():
@@ -376,19 +378,30 @@ class _Bucket:
             elif any(d.get(k) != x for d in self.dicts): return False
         return True
 
-    def attach_grads(self, skip:set):
-        "Point every gradient into the flat gradient buffer (copying those that are elsewhere); return the live mask, or None if no parameter has a gradient"
-        grads = [None if id(p) in skip else p.grad for p in self.params]
-        for p,pg,g,ptr in zip(self.params, grads, self.grads, self.gptrs):
-            if pg is not None and pg.data_ptr() != ptr:
-                g.copy_(pg)
-                p.grad = g
+    def attach_grads(self):
+        "Point every gradient into the flat gradient buffer (copying those that are elsewhere, refusing sparse ones); return the live mask, or None if no parameter has a gradient"
+        grads = [p.grad for p in self.params]
+        try: moved = [i for i,(g,ptr) in enumerate(zip(grads, self.gptrs)) if g is not None and g.data_ptr() != ptr]
+        except RuntimeError: _with_grads(self.params); raise   # a sparse gradient has no data pointer
+        for i in moved:
+            self.grads[i].copy_(grads[i])
+            self.params[i].grad = self.grads[i]
         live = [g is not None for g in grads]
         if not any(live): return None
         if live != self._live: self._live,self._mask = live,_dynamic_size(self.layout.per_block(live, torch.float64) > 0)
         return self._mask
 
 def _local(t:Tensor) -> Tensor: return t.to_local() if is_dtensor(t) else t
+
+def _check_dense_grad(p):
+    "Refuse `p`'s gradient unless it is dense"
+    if p.grad.layout != torch.strided: raise RuntimeError(f"fastopt optimizers do not support sparse gradients (parameter of shape {tuple(p.shape)}, gradient {p.grad.layout})")
+
+def _with_grads(params:list) -> list:
+    "Those of `params` that have a gradient, refusing sparse ones"
+    res = [p for p in params if p.grad is not None]
+    for p in res: _check_dense_grad(p)
+    return res
 
 def _shards_filled(p) -> bool:
     "Whether every rank holds some of `p` (FSDP2 chunks dim 0 like `torch.chunk`: 5 rows over 4 ranks leave the last empty); global, so the same on every rank"
@@ -441,10 +454,12 @@ class _ShardBucket:
         if [_shard_signature(p, self.opt.state[p], False, bools, self.read) for p in self.params] != self.sigs: return False   # no `inspect.signature` on every step
         return all([self.opt.state[p].get(k, True) for p in self.params] == vs for k,vs in self.bools.items())
 
-    def attach_grads(self, skip:set):
+    def attach_grads(self):
         "Copy this rank's shards of the parameters, gradients and state into the flat buffers; return the live mask, or None if no parameter has a gradient"
         lay,params = self.layout,self.params
-        grads = [None if id(p) in skip else p.grad for p in params]
+        grads = [p.grad for p in params]
+        for p,g in zip(params, grads):
+            if g is not None: _check_dense_grad(p)
         live = [g is not None for g in grads]
         if not any(live): return None
         for v,p in zip(lay.views(self.p), params): v.copy_(p._local_tensor)
@@ -483,7 +498,9 @@ def _reduces(cbs) -> bool:
 
 class _GroupLayouts:
     "A group's parameters that step fused, bucketed by device, dtype and state signature"
-    def __init__(self, opt, params:list):
+    def __init__(self, opt, group:list, seen:set|None=None):
+        if seen is None: seen = set(map(id, group))
+        params = [p for p in group if id(p) in seen]   # a parameter's first step makes its state: it is laid out from its second (`seen`: ids of those that have had it; None: all)
         channels = any(_cb_attr(cb, 'per_channel') for cb in opt.cbs)
         limit = opt.fused_chunk_bytes
         bools,read = _per_block_bools(opt.cbs),set().union(*map(_cb_names, opt.cbs))
@@ -501,6 +518,8 @@ class _GroupLayouts:
             else:
                 for i,c in enumerate(_chunks(ps, limit)): self.buckets[k + (i,)] = _Bucket(opt, c, k[2], channels, bools)
         self.ids = {id(p) for b in self.buckets.values() for p in b.params}
+        self.outside = [p for p in group if id(p) not in self.ids]   # they step eagerly
+        self.pending = [p for p in group if id(p) not in seen]   # once one of them has stepped, the group is laid out again
 
     def valid(self, opt) -> bool: return all(b.valid() for b in self.buckets.values())
 
@@ -574,31 +593,28 @@ class Optimizer(fastai.optimizer.Optimizer):
         group:int=0, # The group's index, which names its fused computations
     ):
         "Step the parameters of one group that have a gradient: eagerly, or fused on flat buffers per device and dtype"
-        live = [p for p in params if p.grad is not None]
-        for p in live:
-            if p.grad.is_sparse: raise RuntimeError(f"fastopt optimizers do not support sparse gradients (parameter of shape {tuple(p.shape)})")
         if not self.fuses(params):
+            live = _with_grads(params)
             self._run(group_step, live, hyper)
             return self._seen.update(map(id, live))
         flat = self._flat.get(group)
         if flat is not None and not flat.valid(self): flat = None              # a parameter or its state moved: lay out again
-        if flat is None or any(id(p) in self._seen and id(p) not in flat.ids and id(p) not in flat.unfit for p in live):
-            flat = self._flat[group] = _GroupLayouts(self, [p for p in params if id(p) in self._seen])
-        eager = [p for p in live if id(p) not in flat.ids]                     # first steps, and what no layout holds
+        if flat is None or any(id(p) in self._seen for p in flat.pending):    # or one has had its first step: lay it out too
+            flat = self._flat[group] = _GroupLayouts(self, params, self._seen)
+        eager = _with_grads(flat.outside)                                      # first steps, and what no layout holds
+        masks = [(key, b, b.attach_grads()) for key,b in flat.buckets.items()]  # every sparse gradient is refused before anything steps
         if eager: self._run(group_step, eager, hyper)
         self._seen.update(map(id, eager))
-        skip = set(map(id, eager))
-        for key,b in flat.buckets.items(): self._run_flat((group,) + key[:-1], b, hyper, skip)
+        for key,b,live in masks:
+            if live is not None: self._run_flat((group,) + key[:-1], b, hyper, live)
 
     @torch.no_grad()
     def _run(self, fn, params, hyper):
         for p,state in zip(params, fn(self.cbs, params, [self.state[p] for p in params], hyper)): self.state[p] = state
 
     @torch.no_grad()
-    def _run_flat(self, key, b, hyper, skip):
-        "Run the fused computation for `key` on bucket `b`, compiling it on first use; fall back to eager if it fails"
-        live = b.attach_grads(skip)
-        if live is None: return
+    def _run_flat(self, key, b, hyper, live):
+        "Run the fused computation for `key` on bucket `b` (gradients attached, `live` its mask), compiling it on first use; fall back to eager if it fails"
         device = b.layout.device
         args = {**b.statics, **{k: v for k,v in hyper.items() if not _dynamic(k, v)}}
         names = tuple(k for k,v in hyper.items() if _dynamic(k, v))
@@ -607,8 +623,7 @@ class Optimizer(fastai.optimizer.Optimizer):
         if key not in self._fns:
             options = self._compile_options()
             self._fns[key] = shared_step(_graph_key(cbs, args, key[1:], names, b.per_tensor, self.fused_backend, options), self.fused_backend, options)
-        todo = [p for p in b.params if p.grad is not None and id(p) not in skip]
-        if self.fused is False: return self._run(group_step, todo, hyper)
+        if self.fused is False: return self._run(group_step, _with_grads(b.params), hyper)
         try:
             with _no_duck_shapes(): self._fns[key](cbs, b.p, b.state, args, b.layout, live, b.per_tensor, names, values)
             if isinstance(b, _ShardBucket): b.copy_back()
@@ -616,14 +631,17 @@ class Optimizer(fastai.optimizer.Optimizer):
             warnings.warn(f"fastopt: the fused step failed to compile ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                           "this optimizer steps eagerly from now on. Pass fused=False to choose that yourself.")
             self.fused = False
-            self._run(group_step, todo, hyper)
+            self._run(group_step, _with_grads(b.params), hyper)
 
     def _hyper_values(self, group:int, device, values:list) -> Tensor:
         "The values of a group's dynamic hypers for its fused graphs: one float64 vector per group and device, refreshed in place every step"
-        new = torch.tensor(values, dtype=_scalar_dtype(device))
-        v = self._hyper_tensors.get((group, device))
-        if v is None or v.shape != new.shape: v = self._hyper_tensors[(group, device)] = new.to(device)
-        else: v.copy_(new)
+        v,arr = self._hyper_tensors.get((group, device), (None, None))
+        if v is None or v.shape[0] != len(values):
+            v = torch.tensor(values, dtype=_scalar_dtype(device)).to(device)
+            arr = v.numpy() if v.device.type == 'cpu' else None   # on the CPU refreshed through NumPy, without two torch ops
+            self._hyper_tensors[(group, device)] = v,arr
+        elif arr is not None: arr[:] = values
+        else: v.copy_(torch.tensor(values, dtype=v.dtype))
         return v
 
     def zero_grad(self):
