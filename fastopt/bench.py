@@ -163,20 +163,29 @@ def compile_bench(
     sets:list|None=None, # Parameter sets (default all)
     log:bool=False, # Print each row as it is measured
 ) -> pd.DataFrame:
-    "Cold (empty inductor cache) and warm (cache on disk) compile of each optimizer's fused step, beside a one-op graph's (the floor) in the same run"
-    rows = []
+    "Cold (empty inductor cache) and warm (cache on disk) compile of each optimizer's fused step, beside a one-op graph's (the floor: its median over the runs before each set and after the last)"
+    rows,floors = [],[]
     with tempfile.TemporaryDirectory() as tmp:
-        floor_cold = compile_seconds('one-op', 'resnet18', Path(tmp)/'floor')
-        floor_warm = compile_seconds('one-op', 'resnet18', Path(tmp)/'floor')
+        def floor():
+            cache = Path(tmp)/f'floor-{len(floors)}'
+            floors.append((compile_seconds('one-op', 'resnet18', cache), compile_seconds('one-op', 'resnet18', cache)))
+            if log: print(f"one-op graph: {floors[-1][0]:.1f} s cold, {floors[-1][1]:.1f} s warm", flush=True)
+        compile_seconds('one-op', 'resnet18', Path(tmp)/'unused')   # not counted: the first compile of a run also reads g++ and torch's files from disk
         for set_name in (list(param_sets) if sets is None else sets):
+            floor()
             for name in names or bench_optimizers:
                 cache = Path(tmp)/f'{set_name}-{name}'
                 cold = compile_seconds(name, set_name, cache)
                 warm = compile_seconds(name, set_name, cache)
-                rows.append(dict(params=set_name, tensors=len(param_sets[set_name]()), optimizer=name, cold_s=cold, warm_s=warm,
-                                 floor_cold_s=floor_cold, floor_warm_s=floor_warm, cold_vs_floor=cold / floor_cold))
-                if log: print(f"{set_name} {name}: cold {cold:.1f} s, warm {warm:.1f} s (one-op graph: {floor_cold:.1f} s cold, {floor_warm:.1f} s warm)", flush=True)
-    return pd.DataFrame(rows)
+                rows.append(dict(params=set_name, tensors=len(param_sets[set_name]()), optimizer=name, cold_s=cold, warm_s=warm))
+                if log: print(f"{set_name} {name}: cold {cold:.1f} s, warm {warm:.1f} s", flush=True)
+        floor()
+    df = pd.DataFrame(rows)
+    colds,warms = zip(*floors)
+    df['floor_cold_s'],df['floor_warm_s'] = statistics.median(colds),statistics.median(warms)
+    df['floor_cold_min_s'],df['floor_cold_max_s'] = min(colds),max(colds)
+    df['cold_vs_floor'],df['warm_vs_floor'] = df.cold_s / df.floor_cold_s,df.warm_s / df.floor_warm_s
+    return df
 
 # %% ../nbs/95_bench.ipynb #7aa93040
 _e2e_script = r'''
