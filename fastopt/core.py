@@ -473,10 +473,15 @@ class _ShardBucket:
         if live != self._live: self._live,self._mask = live,_dynamic_size(lay.per_block(live, torch.float64) > 0)
         return self._mask
 
-    def copy_back(self):
+    def copy_back(self,
+        grads:bool=False, # Also the gradients (the callbacks changed them)
+    ):
         "Write the stepped flat buffers back into the parameters' shards and their state"
         lay = self.layout
         for v,p in zip(lay.views(self.p), self.params): p._local_tensor.copy_(v)
+        if grads:
+            for v,p in zip(lay.views(self.g), self.params):
+                if p.grad is not None: _local(p.grad).copy_(v)
         for k,kind,x in self.kinds:
             if kind == 'elem':
                 for v,p in zip(lay.views(self.state[k]), self.params): _local(self.opt.state[p][k]).copy_(v)
@@ -625,8 +630,8 @@ class Optimizer(fastai.optimizer.Optimizer):
             self._fns[key] = shared_step(_graph_key(cbs, args, key[1:], names, b.per_tensor, self.fused_backend, options), self.fused_backend, options)
         if self.fused is False: return self._run(group_step, _with_grads(b.params), hyper)
         try:
-            with _no_duck_shapes(): self._fns[key](cbs, b.p, b.state, args, b.layout, live, b.per_tensor, names, values)
-            if isinstance(b, _ShardBucket): b.copy_back()
+            with _no_duck_shapes(): written = self._fns[key](cbs, b.p, b.state, args, b.layout, live, b.per_tensor, names, values)
+            if isinstance(b, _ShardBucket): b.copy_back(grads=written)
         except Exception as e:
             warnings.warn(f"fastopt: the fused step failed to compile ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                           "this optimizer steps eagerly from now on. Pass fused=False to choose that yourself.")

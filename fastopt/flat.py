@@ -272,7 +272,7 @@ def flat_group_step(
     scalar_hypers:tuple=(), # Names of hypers given as the elements of `scalar_values` (the callbacks get them as 0-d tensors)
     scalar_values:Tensor|None=None, # A float64 vector: one input for all of them (each 0-d CPU float64 input makes dynamo trace the graph twice)
 ):
-    "Run `cbs` once on the flat buffers, per-tensor values spread and promoting like 0-d tensors; write back the parameter, the state and a gradient the callbacks changed, in the live blocks only, so tensors without a gradient stay as they were"
+    "Run `cbs` once on the flat buffers, per-tensor values spread and promoting like 0-d tensors; write back the parameter, the state and a gradient the callbacks changed, in the live blocks only, so tensors without a gradient stay as they were; return whether they changed the gradient"
     old_p,old = p.clone(),{k: v.clone() for k,v in state.items()}
     hyper = {**hyper, **{k: scalar_values[i] for i,k in enumerate(scalar_hypers)}}
     st = {**state, **{k: state[k][layout.tensor_first_block].view(-1, 1, 1) for k in per_tensor}}
@@ -286,6 +286,7 @@ def flat_group_step(
     for k,v in state.items():
         new = layout.spread(st[k]) if _per_tensor(st[k]) else st[k]
         v.copy_(torch.where(live, new, old[k]))
+    return mode.written   # whether the gradient changed: a caller that copied it in copies it back
 
 # %% ../nbs/00a_flat.ipynb #3351d425
 def _shape_kind(n) -> str|None:

@@ -9,9 +9,10 @@ BatchNorm normalizes over each rank's rows, so a run over 4 ranks computes a dif
 each is compared with the one process accumulating the same number of pieces.
 
 One 2-rank spawn runs all the 2-rank cases (its startup costs more than they do), one 4-rank spawn the resharded load:
-- `exact`: all 18 optimizers eager, and Lamb, UM and StableAdam with `fused=True` (Lamb and UM compiled on flat
-  copies of each rank's shards, one `_ShardBucket` per group; StableAdam's per-channel stats keep it eager), N_STEPS steps: the parameters after every step equal the one process within `TOL` on both
-  ranks; every state tensor with a value per element or per output channel is sharded (Shard(0)), anything else is a
+- `exact`: all 18 optimizers eager, and Lamb, UM, PreLamb and StableAdam with `fused=True` (Lamb, UM and PreLamb compiled
+  on flat copies of each rank's shards, one `_ShardBucket` per group; StableAdam's per-channel stats keep it eager), N_STEPS
+  steps: the parameters after every step, and the gradients the step leaves (PreLamb rescales them), equal the one
+  process within `TOL` on both ranks; every state tensor with a value per element or per output channel is sharded (Shard(0)), anything else is a
   0-d scalar, and the ranks' shares add up to the one process's state; no operation in an extra step makes a tensor
   larger than the largest local parameter shard (nothing gathered to full size); the collectives of every step of
   every group, counted by `step_collectives` (CommDebugMode), are `expected_collectives`: no all-gather, and one
@@ -51,7 +52,7 @@ TOL = dict(rtol=1e-9, atol=1e-12)
 RESHARD_TOL = dict(rtol=1e-12, atol=1e-14)
 # fused=True: DTensor parameters step on flat copies of each rank's shards (one compiled graph per group, its
 # all-reduces counted in the graph), except for per-channel optimizers, whose DTensor parameters step eagerly
-FUSED = ['Lamb', 'UM', 'StableAdam']
+FUSED = ['Lamb', 'UM', 'PreLamb', 'StableAdam']   # PreLamb changes the gradients, which the flat copies then give back
 if os.environ.get('FASTOPT_FSDP_ALL_FUSED'): FUSED = NAMES   # all 18 fused: ~15 compiles per rank, too slow for every run
 PER_CHANNEL = {'AdamGC', 'StableAdam', 'AdamAWD'}
 CASES = NAMES + [f'{n}-fused' for n in FUSED]
@@ -86,7 +87,9 @@ def make_opt(name, model, fused=False):
     return getattr(fastopt, name)([ps[:5], ps[5:]], fused=fused, **{'lr': 1e-2, **HYPERS.get(name, {})})
 
 def full(t): return t.full_tensor() if isinstance(t, DTensor) else t
-def snapshot(model): return [full(p.detach()).clone() for p in model.parameters()]
+def snapshot(model, grads=False):
+    "The parameters, gathered; and then their gradients if `grads` (what a callback such as PreLamb's leaves in them)"
+    return [full(p.detach()).clone() for p in model.parameters()] + ([full(p.grad).clone() for p in model.parameters()] if grads else [])
 
 def backward(model, xb, yb, world, rank=None):
     "rank None: one process accumulating the `world` pieces; otherwise this rank's piece"
@@ -95,15 +98,15 @@ def backward(model, xb, yb, world, rank=None):
         (loss / world if rank is None else loss).backward()
 
 def train(model, opt, bs, world, rank=None, count=False, watch=None):
-    "Step on `bs`; return the parameters after each step (and, if `count`, each step's collectives per group), each step under `watch` if given"
+    "Step on `bs`; return the parameters and gradients after each step (and, if `count`, each step's collectives per group), each step under `watch` if given"
     snaps, counts = [], []
     for xb, yb in bs:
         backward(model, xb, yb, world, rank)
         with watch or contextlib.nullcontext():
             if count: counts.append([dict(c) for c in step_collectives(opt)])
             else: opt.step()
+        snaps.append(snapshot(model, grads=True))
         opt.zero_grad()
-        snaps.append(snapshot(model))
     return snaps, counts
 
 # ---------------------------------------------------------------- what a rank checks about itself
@@ -255,7 +258,8 @@ def assert_snaps_close(a, b, tol, label):
     assert len(a) == len(b) > 0
     for t, (sa, sb) in enumerate(zip(a, b)):
         for i, (p, q) in enumerate(zip(sa, sb)):
-            torch.testing.assert_close(p, q, **tol, msg=lambda m: f"{label}: parameter {i} after step {t + 1}: {m}")
+            what = f'parameter {i}' if i < len(sa) // 2 else f'gradient {i - len(sa) // 2}'
+            torch.testing.assert_close(p, q, **tol, msg=lambda m: f"{label}: {what} after step {t + 1}: {m}")
 
 def rel_err(a, b): return max(((p - q).abs().max() / q.abs().max()).item() for sa, sb in zip(a, b) for p, q in zip(sa, sb))
 
