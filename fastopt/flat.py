@@ -226,7 +226,8 @@ def tensor_ndim(x:Tensor, layout:FlatLayout|None=None):
 def _per_tensor(x) -> bool: return x.ndim == 3 and x.shape[1] == 1 and x.shape[2] == 1
 
 _in_place = frozenset(getattr(Tensor, n) for n in dir(Tensor)   # the methods that write into the tensor they are called on (a set: dynamo traces no `str` methods)
-                      if n.endswith('_') and not n.endswith('__') or n == '__setitem__' or n.startswith('__i') and n.endswith('__') and n != '__init__')
+                      if n.endswith('_') and not n.endswith('__') or n in ('__setitem__', '__iadd__', '__isub__', '__imul__', '__itruediv__', '__idiv__',
+                      '__ifloordiv__', '__imod__', '__ipow__', '__iand__', '__ior__', '__ixor__', '__ilshift__', '__irshift__'))
 
 class ColumnsAsScalars(TorchFunctionMode):
     "Arithmetic on flat buffers as on the tensors they hold: a per-tensor value `[ntensors, 1, 1]` meeting block-shaped operands is spread to its blocks, and a float column (`[nblocks, 1]`, or a spread value) takes the dtype of the `[nblocks, BLOCK]` float operands it meets, as a 0-d tensor would"
