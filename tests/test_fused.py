@@ -49,7 +49,7 @@ def test_fused_equals_eager(name, kw):
     assert opt.fused and all(opt._flat[i].buckets for i in (0, 1)), 'the fused path fell back to eager, which would make this comparison vacuous'
     eager, _ = run(name, False, **kw)
     for i,(a,b) in enumerate(zip(fused, eager)):
-        assert (a is None) == (b is None), f'value {i}: fused {a is None and "no gradient" or "a gradient"}, eager {b is None and "no gradient" or "a gradient"}'
+        assert (a is None) == (b is None), f'value {i}: a gradient in only one of fused ({a is not None}) and eager ({b is not None})'
         if a is not None: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     allocs = [l.strip() for c in codes for l in c.splitlines() if 'empty_strided_cpu((' in l]
     assert codes, 'no compiled code captured'
