@@ -16,6 +16,7 @@ from fastcore.foundation import L
 import fastai.optimizer
 from fastai.optimizer import weight_decay, l2_reg, average_grad, average_sqr_grad, _update
 from .flat import *
+from .precision import *
 
 # %% auto #0
 __all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'shared_steps_kept', 'flat_versions', 'momentum_stats', 'adam_stats',
@@ -228,10 +229,11 @@ def _check_state_dict(opt, sd:dict):
                 raise ValueError(f"state dict does not fit parameter {i}: its {k!r} has shape {tuple(v.shape)}, the parameter has shape {tuple(p.shape)}")
 
 # %% ../nbs/00_core.ipynb #a06ffde9
-def group_step(cbs, params, states, hyper):
-    "Run `cbs` on each of `params` with its state merged with `hyper`; return the new states"
+def group_step(cbs, params, states, hyper, precision:Precision|None=None, positions:dict|None=None):
+    "Run `cbs` on each of `params` with its state merged with `hyper`; return the new states (a parameter whose weight or state `precision` keeps in another dtype steps through float32 working copies)"
     res = []
-    for p,state in zip(params, states):
+    for i,(p,state) in enumerate(zip(params, states)):
+        if precision is not None and precision.active(p): res.append(precise_step(cbs, p, state, hyper, precision, positions[id(p)])); continue
         for cb in cbs: state = _update(state, cb(p, **{**state, **hyper}))
         res.append(state)
     return res
@@ -513,7 +515,7 @@ class _GroupLayouts:
         by = {}
         self.unfit = set()
         for p in params:
-            if any(f(opt.state[p]) for f in shaped): sig = None
+            if any(f(opt.state[p]) for f in shaped) or opt.precision.active(p): sig = None
             else: sig = _signature(p, opt.state[p], channels, bools, read) or _shard_signature(p, opt.state[p], channels, bools, read)
             if sig is None: self.unfit.add(id(p))
             else: by.setdefault(sig, []).append(p)
@@ -535,11 +537,16 @@ class Optimizer(fastai.optimizer.Optimizer):
         params:Tensor|Iterable, # Parameters, or a list of parameter groups (lists of parameters)
         cbs:Callable|MutableSequence, # Stats and steppers, run in this order on each parameter
         fused:bool|str='auto', # One compiled computation per group, device and dtype (True), eager per parameter (False), or by group size ('auto')
+        kahan_sum:bool|None=None, # Keep bfloat16/float16 weights' rounding error and add it back (None: on for such weights, unless `stochastic_round`)
+        stochastic_round:bool=False, # Round bfloat16 weights up or down at random, in proportion, instead (no extra buffer; seeded, reproducible)
+        state_dtype=None, # Element-wise state in the parameter's dtype (None), another float dtype, or '8bit' (blockwise quantized)
         **defaults # Hyperparameter values, overriding the callbacks' own `defaults`
     ):
         params,cbs = L(params),L(cbs)
         _check_params(params)
         if fused not in (True, False, 'auto'): raise ValueError(f"Invalid fused: {fused!r} (expected True, False or 'auto')")
+        self.precision = Precision(kahan_sum, stochastic_round, state_dtype)
+        self.precision.check([p for g in _param_groups(params) for p in g])
         self.hyper_rules = merge(hyper_rules, *[_cb_attr(cb, 'hyper_rules') for cb in cbs])
         self.hyper_names = set().union(*map(_cb_names, cbs)) | {'lr', 'mom'}   # fastai's schedulers set both on any optimizer
         super().__init__(params, cbs, **defaults)
@@ -615,7 +622,13 @@ class Optimizer(fastai.optimizer.Optimizer):
 
     @torch.no_grad()
     def _run(self, fn, params, hyper):
-        for p,state in zip(params, fn(self.cbs, params, [self.state[p] for p in params], hyper)): self.state[p] = state
+        for p,state in zip(params, fn(self.cbs, params, [self.state[p] for p in params], hyper, self.precision, self._positions())): self.state[p] = state
+
+    def _positions(self) -> dict:
+        "Each parameter's position in the optimizer, by id (stochastic rounding draws its bits by it)"
+        pos = self.__dict__.get('_pos')
+        if pos is None: pos = self._pos = {id(p): i for i,p in enumerate(self._all_params())}
+        return pos
 
     @torch.no_grad()
     def _run_flat(self, key, b, hyper, live):
@@ -695,7 +708,7 @@ class Optimizer(fastai.optimizer.Optimizer):
 
     def __getstate__(self):
         "All but the compiled computations, their inputs, the flat layouts and the hyper rules, which a copy (`deepcopy`, pickle) rebuilds"
-        d = {k:v for k,v in self.__dict__.items() if k not in ('_fns', '_hyper_tensors', '_seen', 'hyper_rules', '_flat')}
+        d = {k:v for k,v in self.__dict__.items() if k not in ('_fns', '_hyper_tensors', '_seen', 'hyper_rules', '_flat', '_pos')}
         return {**d, '_stepped': self._stepped()}
 
     def __setstate__(self, d):
