@@ -29,10 +29,13 @@ def Adam(
     wd:float=0.01, # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay (AdamW) or L2 regularization (Adam)
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "Adam or AdamW: fastai's `Adam`, with the same signature, defaults and steps"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, adam_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/01_adam.ipynb #0a2ff0bf
 def max_sqr_avg_stat(p, sqr_avg, max_sqr_avg=None, **kwargs):
@@ -57,7 +60,10 @@ def AMSGrad(
     wd:float=0.01, # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay (AdamW) or L2 regularization (Adam)
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "AMSGrad: Adam dividing by the running maximum of the second moment"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, max_sqr_avg_stat, amsgrad_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

@@ -39,10 +39,13 @@ def AdamGC(
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     gc_conv_only:bool=True, # Centralize only 4-D (conv) gradients; False: every tensor with 2 or more dims
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "AdamGC: Adam on centralized gradients"
     cbs = [centralize_grad, weight_decay_cb(decouple_wd), *adam_stats, adam_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, gc_conv_only=gc_conv_only)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, gc_conv_only=gc_conv_only)
 
 # %% ../nbs/04_centralization.ipynb #b51dc43f
 def centralized(

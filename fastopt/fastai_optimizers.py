@@ -24,10 +24,13 @@ def SGD(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "SGD with optional momentum: fastai's `SGD`"
     cbs = [weight_decay_cb(decouple_wd)] + ([sgd_step] if real(mom) == 0 else [average_grad, momentum_step])
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, wd=wd)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, wd=wd)
 
 # %% ../nbs/07_fastai.ipynb #a9766bc3
 def RMSProp(
@@ -39,10 +42,13 @@ def RMSProp(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "RMSProp with optional momentum: fastai's `RMSProp`, with `eps` honoured"
     cbs = [weight_decay_cb(decouple_wd)] + ([average_sqr_grad] if real(mom) == 0 else [average_grad, average_sqr_grad]) + [rms_prop_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/07_fastai.ipynb #8dde96ac
 def QHAdam(
@@ -56,10 +62,13 @@ def QHAdam(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "QHAdam: fastai's `QHAdam`"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, qhadam_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, nu_1=nu_1, nu_2=nu_2, eps=eps, wd=wd)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, nu_1=nu_1, nu_2=nu_2, eps=eps, wd=wd)
 
 hyper_rules.update(nu_1=(lambda v: 0 <= real(v) <= 1, '0 <= nu_1 <= 1'), nu_2=(lambda v: 0 <= real(v) <= 1, '0 <= nu_2 <= 1'))
 
@@ -88,7 +97,10 @@ def Larc(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "LARC (`clip=True`) or LARS: fastai's `Larc`"
     cbs = [weight_decay_cb(decouple_wd)] + ([] if real(mom) == 0 else [average_grad]) + [partial(larc_layer_lr, clip=check_bool('clip', clip)), larc_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, trust_coeff=trust_coeff, eps=eps, wd=wd)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, trust_coeff=trust_coeff, eps=eps, wd=wd)

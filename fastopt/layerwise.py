@@ -49,6 +49,9 @@ def Lamb(
     trust_clip:float|None=10., # Cap on the trust ratio; `None` for no cap
     trust_wd:bool=False, # Put λp inside the trust-scaled update (the paper's and the seed's form)
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "LAMB: fastai's `Lamb` by default, the paper's form with `trust_wd=True`"
     check_bool('trust_wd', trust_wd), check_bool('decouple_wd', decouple_wd)
@@ -56,7 +59,7 @@ def Lamb(
         raise ValueError("Invalid decouple_wd: False with trust_wd=True (the decay is inside the trust ratio, so L2 regularization cannot also apply)")
     cbs = [] if trust_wd else [weight_decay_cb(decouple_wd)]
     cbs += [*adam_stats, partial(lamb_step, trust_wd=trust_wd)]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd,
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd,
                      trust_clip=math.inf if trust_clip is None else trust_clip)
 
 # %% ../nbs/03_layerwise.ipynb #d6036049
@@ -73,10 +76,13 @@ def UM(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "UM: bias-corrected momentum, normalized to unit RMS per tensor"
     cbs = [weight_decay_cb(decouple_wd), *momentum_stats, unit_momentum_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, wd=wd)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, wd=wd)
 
 # %% ../nbs/03_layerwise.ipynb #bd6bf7a6
 def scale_grad_to_weight(p, layout=None, **kwargs):
@@ -96,7 +102,10 @@ def PreLamb(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "PreLamb: bias-corrected momentum of gradients rescaled to the weight's RMS"
     cbs = [weight_decay_cb(decouple_wd), scale_grad_to_weight, *momentum_stats, momentum_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, wd=wd)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, wd=wd)

@@ -40,9 +40,12 @@ def Lion(
     avg_mom:float=0.99, # β2, the running gradient average's coefficient
     wd:float=0., # λ, decoupled weight decay (p ← p·(1 - ηλ))
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "Lion: the sign of an interpolated momentum, with decoupled weight decay"
-    return Optimizer(params, [weight_decay_cb(True), lion_step], fused=fused, lr=lr, mom=mom, avg_mom=avg_mom, wd=wd)
+    return Optimizer(params, [weight_decay_cb(True), lion_step], fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, avg_mom=avg_mom, wd=wd)
 
 # %% ../nbs/09_modern.ipynb #bacfb643
 def adopt_stats(p, mom, sqr_mom, eps, step, clip=True, grad_avg=None, sqr_avg=None, **kwargs):
@@ -69,10 +72,13 @@ def ADOPT(
     decouple_wd:bool=False, # Decoupled weight decay, or L2 regularization (the reference's default)
     clip:bool=True, # Clip the normalized gradient to ±t^¼ (the paper's stabilizer)
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "ADOPT: momentum of gradients normalized by the previous step's second moment"
     cbs = [weight_decay_cb(check_bool('decouple_wd', decouple_wd)), step_count, partial(adopt_stats, clip=check_bool('clip', clip)), plain_momentum_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/09_modern.ipynb #caae752f
 def schedule_free_step(p, lr, mom, sqr_mom, eps, wd, step, r, weight_lr_power, warmup_steps, do_wd=True,
@@ -150,9 +156,12 @@ def ScheduleFreeAdamW(
     r:float=0., # Power of the step count in the averaging weights
     weight_lr_power:float=2., # Power of the largest learning rate so far in the averaging weights
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> ScheduleFreeOptimizer:
     "Schedule-Free AdamW: no learning-rate schedule; train on y, evaluate on the average x"
-    return ScheduleFreeOptimizer(params, [step_count, schedule_free_step], fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom,
+    return ScheduleFreeOptimizer(params, [step_count, schedule_free_step], fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom,
                                  eps=eps, wd=wd, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power)
 
 # %% ../nbs/09_modern.ipynb #ec9404b8
@@ -240,9 +249,12 @@ def Muon(
     sqr_mom:float=0.99, # β2 of the Adam-stepped parameters
     eps:float=1e-8, # ε of the Adam-stepped parameters
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "Muon for the chosen 2-D weights, AdamW for every other parameter, in one optimizer"
     if adjust_lr not in ('original', 'match_rms_adamw'): raise ValueError(f"Invalid adjust_lr: {adjust_lr!r} (expected 'original' or 'match_rms_adamw')")
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps < 100: raise ValueError(f"Invalid ns_steps: {ns_steps!r} (expected an integer, 1 <= ns_steps < 100)")
     step = partial(muon_step, nesterov=check_bool('nesterov', nesterov), ns_steps=ns_steps, adjust_lr=adjust_lr)
-    return Optimizer(params, [partial(choose_muon, predicate=muon_params), step], fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, [partial(choose_muon, predicate=muon_params), step], fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)

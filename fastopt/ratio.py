@@ -50,10 +50,13 @@ def DuvAdam(
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     ratio_clip:float=1e3, # Cap on |g/m_{t-1} - 1| (the overflow guard)
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "DuvAdam: momentum over 1 + √(average squared deviation of g/m_{t-1} from 1)"
     cbs = [weight_decay_cb(decouple_wd), partial(ratio_deviation_stat, power=2), *momentum_stats, duv_adam_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd, ratio_clip=ratio_clip)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd, ratio_clip=ratio_clip)
 
 # %% ../nbs/06_ratio.ipynb #97b821bf
 def sign_grad(p, **kwargs):
@@ -76,10 +79,13 @@ def SUAdam(
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     ratio_clip:float=1e3, # Cap on |s/m_{t-1} - 1| (the overflow guard)
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "SUAdam: momentum of gradient signs over 1 + their average deviation, scaled by the weights' mean size"
     cbs = [weight_decay_cb(decouple_wd), sign_grad, partial(ratio_deviation_stat, power=1), *momentum_stats, su_adam_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd, ratio_clip=ratio_clip)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd, ratio_clip=ratio_clip)
 
 # %% ../nbs/06_ratio.ipynb #29249989
 def sign_clamp(x:Tensor, a:Tensor) -> Tensor:
@@ -116,7 +122,10 @@ def BAdam(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "BAdam: momentum over softplus_β of a finite-difference curvature estimate along the last update"
     cbs = [weight_decay_cb(decouple_wd), *momentum_stats, phi_avg_stat, b_adam_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, beta=beta, wd=wd)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, beta=beta, wd=wd)

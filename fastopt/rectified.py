@@ -87,10 +87,13 @@ def RAdam(
     decouple_wd:bool=True, # Decoupled weight decay (RAdamW) or L2 regularization (RAdam)
     rho_min:float=5., # ρ_min: rectify once ρ_t exceeds it (the seed and Algorithm 2 use 4)
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "RAdam: fastai's `RAdam`, with the same signature, defaults and steps, plus `rho_min`"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, radam_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta, rho_min=rho_min)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta, rho_min=rho_min)
 
 # %% ../nbs/02_rectified.ipynb #5a2257bd
 def sadam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, beta, **kwargs):
@@ -110,10 +113,13 @@ def SAdam(
     wd:float=0., # λ, weight decay
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "SAdam: Adam with a softplus_β denominator instead of √v̂ + ε"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, sadam_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, beta=beta, wd=wd)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, beta=beta, wd=wd)
 
 # %% ../nbs/02_rectified.ipynb #390d5fe2
 def sradam_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, beta, rho_min, **kwargs):
@@ -135,7 +141,10 @@ def SRAdam(
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     rho_min:float=4., # ρ_min: rectify once ρ_t exceeds it
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "SRAdam: RAdam's rectification with SAdam's softplus denominator"
     cbs = [weight_decay_cb(decouple_wd), *adam_stats, sradam_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, beta=beta, wd=wd, rho_min=rho_min)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, beta=beta, wd=wd, rho_min=rho_min)

@@ -88,10 +88,13 @@ def StableAdam(
     decouple_wd:bool=True, # Decoupled weight decay or L2 regularization
     scale_invariant:Callable=is_conv_weight, # Predicate choosing Θ, such as `feeds_batchnorm(model)`
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "StableAdam: Adam whose steps on scale-invariant weights grow with the weights"
     cbs = [partial(record_init_rms, predicate=scale_invariant), weight_decay_cb(decouple_wd), *adam_stats, stable_adam_step]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
 # %% ../nbs/05_scale_invariant.ipynb #e51e749e
 def restore_init_rms(p, init_rms=None, layout=None, **kwargs):
@@ -111,7 +114,10 @@ def AdamAWD(
     scale_invariant:Callable=is_conv_weight, # Predicate choosing Θ, such as `feeds_batchnorm(model)`
     wd:float=0., # λ, decoupled weight decay of the weights outside Θ (the rescaling undoes it on Θ)
     fused:bool|str='auto', # Compiled flat steps (True), eager steps (False), or by group size ('auto'); see `Optimizer`
+    kahan_sum:bool|None=None, # Compensate bfloat16/float16 weights' rounding (None: on for them unless `stochastic_round`); see `Optimizer`
+    stochastic_round:bool=False, # Round bfloat16 weights stochastically instead; see `Optimizer`
+    state_dtype=None, # Element-wise state's storage: None (the weight's dtype), a float dtype, or '8bit'; see `Optimizer`
 ) -> Optimizer:
     "AdamAWD: Adam, then scale-invariant weights rescaled per output channel to their initial RMS"
     cbs = [partial(record_init_rms, predicate=scale_invariant), weight_decay_cb(True), *adam_stats, adam_step, restore_init_rms]
-    return Optimizer(params, cbs, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return Optimizer(params, cbs, fused=fused, kahan_sum=kahan_sum, stochastic_round=stochastic_round, state_dtype=state_dtype, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
