@@ -16,6 +16,7 @@ from fastcore.foundation import L
 import fastai.optimizer
 from fastai.optimizer import weight_decay, l2_reg, average_grad, average_sqr_grad, _update
 from .flat import *
+from .precision import *
 from .callbacks import _cb_attr, _cb_names, _cb_name
 from .fused import static_hypers, flat_versions, shared_step, _graph_key, _no_duck_shapes, _scalar_dtype, _dynamic, _with_grads, _reduces, _GroupLayouts
 from .shard_buckets import _ShardBucket
@@ -129,14 +130,16 @@ def _check_state_dict(opt, sd:dict):
         for k,v in h.items(): check_hyper(k, v, opt.hyper_rules)
     for i,(p,state) in enumerate(zip(params, sd['state'])):
         for k,v in state.items():
+            if is_quantized(v): v = v['codes']   # 8-bit state: codes of the parameter's shape
             if isinstance(v, Tensor) and not _fits(v, p):
                 raise ValueError(f"state dict does not fit parameter {i}: its {k!r} has shape {tuple(v.shape)}, the parameter has shape {tuple(p.shape)}")
 
 # %% ../nbs/00_core.ipynb #a06ffde9
-def group_step(cbs, params, states, hyper):
-    "Run `cbs` on each of `params` with its state merged with `hyper`; return the new states"
+def group_step(cbs, params, states, hyper, precision:Precision|None=None, positions:dict|None=None):
+    "Run `cbs` on each of `params` with its state merged with `hyper`; return the new states (a parameter whose weight or state `precision` keeps in another dtype steps through float32 working copies, `precise_step`)"
     res = []
     for p,state in zip(params, states):
+        if precision is not None and precision.active(p): res.append(precise_step(cbs, p, state, hyper, precision, positions[id(p)])); continue
         for cb in cbs: state = _update(state, cb(p, **{**state, **hyper}))
         res.append(state)
     return res
@@ -148,11 +151,16 @@ class Optimizer(fastai.optimizer.Optimizer):
         params:Tensor|Iterable, # Parameters, or a list of parameter groups (lists of parameters)
         cbs:Callable|MutableSequence, # Stats and steppers, run in this order on each parameter
         fused:bool|str='auto', # One compiled computation per group, device and dtype (True), eager per parameter (False), or by group size ('auto')
+        kahan_sum:bool|None=None, # Keep bfloat16/float16 weights' rounding error and add it back (None: on for such weights, unless `stochastic_round`)
+        stochastic_round:bool=False, # Round bfloat16 weights up or down at random, in proportion, instead (no extra buffer; seeded, reproducible)
+        state_dtype=None, # Element-wise state in the parameter's dtype (None), another float dtype, or '8bit' (blockwise quantized)
         **defaults # Hyperparameter values, overriding the callbacks' own `defaults`
     ):
         params,cbs = L(params),L(cbs)
         _check_params(params)
         if fused not in (True, False, 'auto'): raise ValueError(f"Invalid fused: {fused!r} (expected True, False or 'auto')")
+        self.precision = Precision(kahan_sum, stochastic_round, state_dtype)
+        self.precision.check([p for g in _param_groups(params) for p in g])
         self.hyper_rules = merge(hyper_rules, *[_cb_attr(cb, 'hyper_rules') for cb in cbs])
         self.hyper_names = set().union(*map(_cb_names, cbs)) | {'lr', 'mom'}   # fastai's schedulers set both on any optimizer
         super().__init__(params, cbs, **defaults)
@@ -228,7 +236,25 @@ class Optimizer(fastai.optimizer.Optimizer):
 
     @torch.no_grad()
     def _run(self, fn, params, hyper):
-        for p,state in zip(params, fn(self.cbs, params, [self.state[p] for p in params], hyper)): self.state[p] = state
+        for p,state in zip(params, fn(self.cbs, params, [self.state[p] for p in params], hyper, self.precision, self._positions())): self.state[p] = state
+
+    def set_precision(self,
+        kahan_sum:bool|None=None, # See `Optimizer`
+        stochastic_round:bool=False, # See `Optimizer`
+        state_dtype=None, # See `Optimizer`
+    ):
+        "Keep the weights and state as these say from the next step on (state already kept otherwise is converted as it steps); return the optimizer"
+        prec = Precision(kahan_sum, stochastic_round, state_dtype)
+        prec.check(self._all_params())
+        self.precision = prec
+        self._forget_layouts()
+        return self
+
+    def _positions(self) -> dict:
+        "Each parameter's position in the optimizer, by id (stochastic rounding draws its bits by it)"
+        pos = self.__dict__.get('_pos')
+        if pos is None: pos = self._pos = {id(p): i for i,p in enumerate(self._all_params())}
+        return pos
 
     @torch.no_grad()
     def _run_flat(self, key, b, hyper, live):
@@ -243,7 +269,7 @@ class Optimizer(fastai.optimizer.Optimizer):
             self._fns[key] = shared_step(_graph_key(cbs, args, key[1:], names, b.per_tensor, self.fused_backend, options), self.fused_backend, options)
         if self.fused is False: return self._run(group_step, _with_grads(b.params), hyper)
         try:
-            with _no_duck_shapes(): written = self._fns[key](cbs, b.p, b.state, args, b.layout, live, b.per_tensor, names, values)
+            with _no_duck_shapes(): written = self._fns[key](cbs, b.p, b.state, args, b.layout, live, b.per_tensor, names, values, b.rounding)
             if isinstance(b, _ShardBucket): b.copy_back(grads=written)
         except Exception as e:
             warnings.warn(f"fastopt: the fused step failed to compile ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -296,8 +322,8 @@ class Optimizer(fastai.optimizer.Optimizer):
         _check_state_dict(self, sd)
         params = self._all_params()
         self.hypers = L(dict(h) for h in sd['hypers'])
-        self.state = defaultdict(dict, {p: {k: v.to(p.device, copy=True) if isinstance(v, Tensor) else copy.deepcopy(v) for k,v in s.items()}
-                                        for p,s in zip(params, sd['state'])})
+        def own(v, p): return v.to(p.device, copy=True) if isinstance(v, Tensor) else {k: own(t, p) for k,t in v.items()} if is_quantized(v) else copy.deepcopy(v)
+        self.state = defaultdict(dict, {p: {k: own(v, p) for k,v in s.items()} for p,s in zip(params, sd['state'])})
         self._seen = {id(params[i]) for i in sd.get('stepped', [])} if 'cbs' in sd else set()   # a fastai state is converted eagerly
         self._forget_layouts()
 
@@ -308,7 +334,7 @@ class Optimizer(fastai.optimizer.Optimizer):
 
     def __getstate__(self):
         "All but the compiled computations, their inputs, the flat layouts and the hyper rules, which a copy (`deepcopy`, pickle) rebuilds"
-        d = {k:v for k,v in self.__dict__.items() if k not in ('_fns', '_hyper_tensors', '_seen', 'hyper_rules', '_flat')}
+        d = {k:v for k,v in self.__dict__.items() if k not in ('_fns', '_hyper_tensors', '_seen', 'hyper_rules', '_flat', '_pos')}
         return {**d, '_stepped': self._stepped()}
 
     def __setstate__(self, d):

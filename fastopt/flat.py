@@ -10,11 +10,12 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from fastai.optimizer import _update
+from .lowbit import *
 
 # %% auto #0
-__all__ = ['BLOCK', 'flat_inductor_options', 'recompute_inductor_options', 'channel_aligned', 'FlatLayout', 'is_dtensor',
-           'tensor_sum', 'tensor_mean', 'tensor_norm', 'channel_sum', 'channel_mean', 'tensor_ndim', 'ColumnsAsScalars',
-           'flat_group_step', 'RealizeColumns', 'register_graph_passes']
+__all__ = ['BLOCK', 'write_back_state', 'flat_inductor_options', 'recompute_inductor_options', 'channel_aligned', 'FlatLayout',
+           'is_dtensor', 'tensor_sum', 'tensor_mean', 'tensor_norm', 'channel_sum', 'channel_mean', 'tensor_ndim',
+           'ColumnsAsScalars', 'flat_group_step', 'RealizeColumns', 'register_graph_passes']
 
 # %% ../nbs/00a_flat.ipynb #861552a5
 BLOCK = 64 # Elements per block: every tensor starts on a block boundary
@@ -124,6 +125,23 @@ class FlatLayout:
             c = self.first_channel[i]
             vals[c:c + v.shape[0]] = v.reshape(-1).cpu()
         return vals[self.block_channel.cpu()].view(-1, 1).to(self.device)
+
+    def pack_blocks(self,
+        values:Sequence[Tensor], # One 1-D tensor per laid-out tensor: a value for each of its blocks
+        dtype, # The buffer's dtype
+    ) -> Tensor:
+        "A `[nblocks, 1]` buffer holding each tensor's per-block values in its blocks"
+        buf = torch.zeros(self.nblocks, 1, dtype=dtype, device=self.device)
+        for v,b0,b1 in zip(values, self.first_block, self.first_block[1:]): buf[b0:b1, 0] = v
+        return buf
+
+    def block_views(self, buf:Tensor) -> list:
+        "One 1-D view of a `[nblocks, 1]` buffer per tensor: the values of its blocks"
+        return [buf[b0:b1, 0] for b0,b1 in zip(self.first_block, self.first_block[1:])]
+
+    def block_offsets(self) -> Tensor:
+        "`[nblocks, 1]` int64: the index of each block's first value in its tensor"
+        return ((torch.arange(self.nblocks, device=self.device) - self.tensor_first_block[self.block_tensor]) * BLOCK).view(-1, 1)
 
     def scalar_views(self, buf:Tensor) -> list:
         "One 0-d view of a `[nblocks, 1]` buffer per tensor: its first block's value"
@@ -262,32 +280,72 @@ class ColumnsAsScalars(TorchFunctionMode):
         return func(*map(cast, args), **{k: cast(v) for k,v in kwargs.items()})
 
 # %% ../nbs/00a_flat.ipynb #8faa868b
+write_back_state = ('weight_comp', 'round_count')  # state that low-precision weights' write-back keeps (Kahan compensation, stochastic rounding's count), which the stats and steppers do not see
+
+def _clone(v): return {k: x.clone() for k,x in v.items()} if isinstance(v, dict) else v.clone()
+
+def _decode_flat(v):
+    "A flat state buffer as the callbacks see it: 8-bit codes dequantized, bfloat16/float16 widened to float32"
+    if isinstance(v, dict): return dequantize_rows(v['codes'], v['scale'])
+    return v.float() if v.dtype in (torch.bfloat16, torch.float16) else v
+
+def _store_flat(buf, new:Tensor, old, live:Tensor, valid:Tensor):
+    "Write `new` into state buffer `buf` (8-bit: quantized, padding as zeros) in the live blocks, `old` elsewhere"
+    if isinstance(buf, dict):
+        codes,scale = quantize_rows(torch.where(valid, new, 0))
+        buf['codes'].copy_(torch.where(live, codes, old['codes']))
+        buf['scale'].copy_(torch.where(live, scale, old['scale']))
+    else: buf.copy_(torch.where(live, new, old))
+
 def flat_group_step(
     cbs:list, # The optimizer's stats and steppers
     p:Tensor, # The flat parameter buffer `[nblocks, BLOCK]`, its `.grad` the flat gradient buffer
-    state:dict, # Flat state buffers: `[nblocks, BLOCK]` per element, `[nblocks, 1]` per tensor or per channel
+    state:dict, # Flat state buffers: `[nblocks, BLOCK]` per element (8-bit: a dict of `codes` and per-block `scale`), `[nblocks, 1]` per tensor or per channel
     hyper:dict, # Hypers (0-d tensors or constants) and the parameters' constant state (`do_wd`, ...)
     layout:FlatLayout, # Where each tensor lives; the callbacks get it as `layout`
     live:Tensor, # `[nblocks, 1]` bool: the blocks of tensors that have a gradient this step
     per_tensor:tuple=(), # The keys of `state` that hold one value per tensor (step counts): the callbacks get them as `[ntensors, 1, 1]`
     scalar_hypers:tuple=(), # Names of hypers given as the elements of `scalar_values` (the callbacks get them as 0-d tensors)
     scalar_values:Tensor|None=None, # A float64 vector: one input for all of them (each 0-d CPU float64 input makes dynamo trace the graph twice)
+    rounding:tuple|None=None, # Stochastic rounding of bfloat16 weights: each block's `position_key` and its first value's index in its parameter (`[nblocks, 1]` int64 each)
 ):
-    "Run `cbs` once on the flat buffers, per-tensor values spread and promoting like 0-d tensors; write back the parameter, the state and a gradient the callbacks changed, in the live blocks only, so tensors without a gradient stay as they were; return whether they changed the gradient"
-    old_p,old = p.clone(),{k: v.clone() for k,v in state.items()}
+    "Run `cbs` once on the flat buffers, per-tensor values spread and promoting like 0-d tensors; write back the parameter, the state and a gradient the callbacks changed, in the live blocks only, so tensors without a gradient stay as they were; return whether they changed the gradient. Low-precision weights and state step through float32 working copies, as `precision.precise_step` does eagerly"
+    old_p,old = p.clone(),{k: _clone(v) for k,v in state.items()}
     hyper = {**hyper, **{k: scalar_values[i] for i,k in enumerate(scalar_hypers)}}
-    st = {**state, **{k: state[k][layout.tensor_first_block].view(-1, 1, 1) for k in per_tensor}}
+    st = {k: _decode_flat(v) for k,v in state.items() if k not in write_back_state}
+    st = {**st, **{k: st[k][layout.tensor_first_block].view(-1, 1, 1) for k in per_tensor if k in st}}
     g = p.grad
     old_g = g.clone()
-    mode = ColumnsAsScalars(layout, watch=g)   # made before `with`: dynamo binds no attributes to `with ... as`
+    narrow = p.dtype in (torch.bfloat16, torch.float16)
+    if narrow:   # the callbacks see the weight and gradient in float32, the weight with its Kahan compensation
+        w = p.float() + state['weight_comp'].float() if 'weight_comp' in state else p.float()
+        w.grad = g.float()
+    else: w = p
+    mode = ColumnsAsScalars(layout, watch=w.grad)   # made before `with`: dynamo binds no attributes to `with ... as`
     with mode:
-        for cb in cbs: st = _update(st, cb(p, **{**st, **hyper, 'layout': layout}))
-    p.copy_(torch.where(live, p, old_p))
-    if mode.written: g.copy_(torch.where(live, g, old_g))   # a changed gradient written back like the rest: in the same pass
+        for cb in cbs: st = _update(st, cb(w, **{**st, **hyper, 'layout': layout}))
+    if narrow:
+        if 'weight_comp' in state:
+            new,comp = kahan_split(w, p.dtype)
+            state['weight_comp'].copy_(torch.where(live, comp, old['weight_comp']))
+        elif rounding is not None:
+            keys,first = rounding
+            count = state['round_count'] + 1
+            state['round_count'].copy_(torch.where(live, count, old['round_count']))
+            new = stochastic_round_bf16(w, random_bits(round_key(keys, count), first + torch.arange(BLOCK, device=p.device)))
+        else: new = w.to(p.dtype)
+        p.copy_(torch.where(live, new, old_p))
+        if mode.written: g.copy_(torch.where(live, w.grad.to(g.dtype), old_g))
+    else:
+        p.copy_(torch.where(live, p, old_p))
+        if mode.written: g.copy_(torch.where(live, g, old_g))   # a changed gradient written back like the rest: in the same pass
+    valid = layout.valid()
     for k,v in state.items():
+        if k in write_back_state: continue
         new = layout.spread(st[k]) if _per_tensor(st[k]) else st[k]
-        v.copy_(torch.where(live, new, old[k]))
+        _store_flat(v, new, old[k], live, valid)
     return mode.written   # whether the gradient changed: a caller that copied it in copies it back
+
 
 # %% ../nbs/00a_flat.ipynb #3351d425
 def _shape_kind(n) -> str|None:
@@ -320,7 +378,7 @@ class RealizeColumns:
             if _feeds_larger(n) and _costly_value(n, _shape_kind(n), set()): n.meta['inductor_realize_to_strides'] = True
     def uuid(self): return f'fastopt-realize-columns-{BLOCK}-v3'   # part of inductor's cache key
 
-flat_inductor_options = {'cpp.dynamic_threads': True, 'cpp.enable_loop_tail_vec': False, 'post_grad_custom_post_pass': RealizeColumns()}  # what the fused path gives inductor
+flat_inductor_options = {'emulate_precision_casts': True, 'cpp.dynamic_threads': True, 'cpp.enable_loop_tail_vec': False, 'post_grad_custom_post_pass': RealizeColumns()}  # what the fused path gives inductor
 recompute_inductor_options = {'realize_reads_threshold': 2**20}  # and a step that reduces: its passes recompute values instead of storing them
 
 def register_graph_passes():

@@ -14,6 +14,7 @@ from fastai.optimizer import weight_decay, l2_reg
 from .flat import *
 from .flat import _dynamic_size, _plain_tensor, _dense, _layout_tensors, _local, _check_dense_grad
 from .callbacks import _cb_attr, _cb_names
+from .precision import low_precision, is_quantized, position_key
 from .shard_buckets import _shard_signature, _ShardBucket
 
 # %% auto #0
@@ -82,12 +83,20 @@ def _per_block_bools(cbs) -> set:
     "Constant state the flat step can take as one bool per block: `do_wd`, when only callbacks with a flat version read it"
     return set() if any('do_wd' in _cb_names(cb) for cb in cbs if cb not in flat_versions) else {'do_wd'}
 
+def _stored_dtype(d, p:Tensor) -> bool:
+    "Whether element-wise state of dtype `d` can be a flat buffer beside `p`: `p`'s dtype, or a narrower one the step widens to its working dtype"
+    return d == p.dtype or d in low_precision or (p.dtype in low_precision and d == torch.float32)
+
 def _kind(k, v, p:Tensor):
-    "How state `v` of `p` goes into a flat layout: ('elem'|'scalar'|'channel', dtype), ('static', v), or None if it cannot"
+    "How state `v` of `p` goes into a flat layout: ('elem'|'scalar'|'channel'|'q8', dtype), ('static', v), or None if it cannot"
+    if is_quantized(v):
+        c,s = v['codes'],v['scale']
+        ok = _plain_tensor(c) and c.shape == p.shape and c.stride() == p.stride() and c.dtype == torch.uint8 and c.device == p.device
+        return ('q8', torch.uint8) if ok and _plain_tensor(s) and s.shape == (-(-p.numel() // BLOCK),) and s.dtype == torch.bfloat16 else None
     if isinstance(v, Tensor):
         if not _plain_tensor(v) or v.device != p.device or not v.is_floating_point(): return None
         if v.ndim == 0: return ('scalar', v.dtype)
-        if v.shape == p.shape: return ('elem', v.dtype) if v.dtype == p.dtype else None
+        if v.shape == p.shape: return ('elem', v.dtype) if _stored_dtype(v.dtype, p) and v.stride() == p.stride() else None
         if p.ndim >= 2 and v.shape == (p.shape[0],) + (1,) * (p.ndim - 1): return ('channel', v.dtype)
         return None
     if v is None or isinstance(v, (bool, int, float, str)): return ('static', v)
@@ -121,6 +130,9 @@ class _Bucket:
             vals = [opt.state[p][k] for p in params]
             if kind == 'static': self.statics[k] = x; continue
             if kind == 'elem': buf = lay.pack(vals, x); vs = lay.views(buf)
+            elif kind == 'q8':
+                buf = {'codes': lay.pack([q['codes'] for q in vals], torch.uint8), 'scale': lay.pack_blocks([q['scale'] for q in vals], torch.bfloat16)}
+                vs = [{'codes': c, 'scale': s} for c,s in zip(lay.views(buf['codes']), lay.block_views(buf['scale']))]
             elif kind == 'scalar': buf = lay.per_block(vals, x); vs = lay.scalar_views(buf)
             else: buf = lay.per_channel(vals, x); vs = lay.channel_views(buf)
             self.state[k],self.views[k] = buf,vs
@@ -131,7 +143,12 @@ class _Bucket:
         self.gptrs = [g.data_ptr() for g in self.grads]
         self.dicts = [opt.state[p] for p in params]
         self._live = None
-        _dynamic_size(self.p, self.g, *self.state.values(), *(getattr(lay, k) for k in _layout_tensors))
+        self.rounding = None
+        if 'round_count' in self.state:   # stochastic rounding: each block's key from the seed and its parameter's position, and its first value's index
+            pos = opt._positions()
+            keys = [position_key(opt.precision.seed, pos[id(p)]) for p in params]
+            self.rounding = (lay.per_block(keys, torch.int64), lay.block_offsets())
+        _dynamic_size(self.p, self.g, *_buffers(self.state), *(self.rounding or ()), *(getattr(lay, k) for k in _layout_tensors))
 
     def valid(self) -> bool:
         "Whether every parameter and state tensor still lives in the flat buffers (cheap: data pointers and identities)"
@@ -157,6 +174,10 @@ class _Bucket:
         if not any(live): return None
         if live != self._live: self._live,self._mask = live,_dynamic_size(self.layout.per_block(live, torch.float64) > 0)
         return self._mask
+
+def _buffers(state:dict) -> list:
+    "The tensors of a bucket's flat state (an 8-bit state's codes and scales)"
+    return [t for v in state.values() for t in (v.values() if isinstance(v, dict) else [v])]
 
 def _with_grads(params:list) -> list:
     "Those of `params` that have a gradient, refusing sparse ones"
@@ -190,7 +211,7 @@ class _GroupLayouts:
         self.unfit = set()
         for p in params:
             if any(f(opt.state[p]) for f in shaped): sig = None
-            else: sig = _signature(p, opt.state[p], channels, bools, read) or _shard_signature(p, opt.state[p], channels, bools, read)
+            else: sig = _signature(p, opt.state[p], channels, bools, read) or (None if opt.precision.active(p) else _shard_signature(p, opt.state[p], channels, bools, read))   # low-precision shards step eagerly
             if sig is None: self.unfit.add(id(p))
             else: by.setdefault(sig, []).append(p)
         self.buckets = {}   # (signature..., chunk): a bucket; the chunks of one signature share one compiled graph

@@ -13,6 +13,7 @@ from fastai.callback.core import Callback
 from fastai.optimizer import average_grad, average_sqr_grad, momentum_step as plain_momentum_step
 from .core import *
 from .adam import adam_step
+from .precision import decode, kahan_split
 
 # %% auto #0
 __all__ = ['NS_COEFFICIENTS', 'lion_step', 'Lion', 'adopt_stats', 'ADOPT', 'schedule_free_step', 'ScheduleFreeOptimizer',
@@ -119,8 +120,20 @@ class ScheduleFreeOptimizer(Optimizer):
             for pg,hyper in zip(self.param_lists, self.hypers):
                 w = 1 - hyper['mom'] if to_train else 1 - 1 / hyper['mom']
                 for p in pg:
-                    if 'z' in self.state[p]: p.data.lerp_(self.state[p]['z'], w)
+                    if 'z' in self.state[p]: self._move(p, lambda x: x.lerp_(decode(self.state[p]['z']), w))
         self.train_mode = to_train
+
+    def _move(self, p, f):
+        "Apply in-place `f` to `p`'s weight as the step sees it (with a low-precision weight's Kahan compensation), and write it back as a step would"
+        if self.precision.weights(p) is None: return f(p.data)
+        state = self.state[p]
+        w = p.detach().float()
+        if 'weight_comp' in state: w.add_(state['weight_comp'].float())
+        f(w)
+        if 'weight_comp' not in state: return p.data.copy_(w)
+        new,comp = kahan_split(w, p.dtype)
+        p.data.copy_(new)
+        state['weight_comp'].copy_(comp)
 
     def train(self):
         "Put the training point y = (1-β1)z + β1·x in the parameters (what `step` needs)"

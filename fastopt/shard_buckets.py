@@ -56,7 +56,7 @@ class _ShardBucket:
         for k,vs in self.bools.items(): self.statics[k] = _dynamic_size(lay.per_block(vs, torch.float64) > 0)
         self.read = set().union(*map(_cb_names, opt.cbs))   # the names the callbacks read: fixed while this layout lives (`prepend_cb` forgets it)
         self.sigs = [_shard_signature(p, opt.state[p], False, bools, self.read) for p in params]
-        self._live = None
+        self._live,self.rounding = None,None
         _dynamic_size(self.p, self.g, *self.state.values(), *(getattr(lay, k) for k in _layout_tensors))
 
     def valid(self) -> bool:
