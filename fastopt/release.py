@@ -12,8 +12,6 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from fastai.callback.core import Callback
-from fastai.callback.fp16 import MixedPrecision, AMPMode
-from fastai.callback.training import GradientAccumulation, GradientClip
 from .core import group_step
 from .flat import is_dtensor
 
@@ -38,6 +36,8 @@ known_release_safe = {'fastopt.benchmark.RunWatch'}   # callbacks with `before_s
 
 def _refusal(cb) -> str|None:
     "Why `cb` cannot train with gradient release, or None"
+    from fastai.callback.fp16 import MixedPrecision, AMPMode   # here: importing them costs `import fastopt` about a second
+    from fastai.callback.training import GradientAccumulation, GradientClip
     name = type(cb).__name__
     if isinstance(cb, GradientRelease): return None
     if isinstance(cb, GradientAccumulation):
@@ -121,7 +121,6 @@ def release_gradients(
 # %% ../nbs/13_gradient_release.ipynb #aeb6140a
 class GradientRelease(Callback):
     "Step each parameter inside backward as soon as its gradient is complete, and free the gradient (see `release_gradients`)"
-    order = MixedPrecision.order - 1
     handle = None
 
     def before_fit(self):
