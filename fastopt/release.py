@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_flatten
 from fastai.callback.core import Callback
 from .core import group_step
@@ -150,10 +151,11 @@ class TensorMemory(TorchDispatchMode):
         self._live,self._finalizers = {},[]
 
     def _track(self, t):
-        if not isinstance(t, Tensor) or t.device.type != self.device_type or is_dtensor(t): return
+        if not isinstance(t, Tensor) or t.device.type != self.device_type or is_dtensor(t) or isinstance(t, FakeTensor): return
         s = t.untyped_storage()
         if id(s) in self._live: return
         n = s.nbytes()
+        if type(n) is not int: return   # a symbolic size: a compiler's stand-in, not memory
         self._live[id(s)] = n
         self._finalizers.append(weakref.finalize(s, self._free, id(s)))
         self.now += n
@@ -180,9 +182,9 @@ class TensorMemory(TorchDispatchMode):
         return out
 
 def peak_tensor_memory(
-    step:Callable, # Runs one training step (forward, backward, optimizer step), eagerly
+    step:Callable, # Runs one training step (forward, backward, optimizer step)
     device='cpu', # The device whose tensors count
 ) -> int:
-    "The most bytes that tensors on `device` held at once while `step()` ran, those alive when it started included"
-    with TensorMemory(device) as m: step()
+    "The most bytes that tensors on `device` held at once while `step()` ran, those alive when it started included; compiled code runs eagerly"
+    with torch.compiler.set_stance('force_eager'), TensorMemory(device) as m: step()
     return m.peak

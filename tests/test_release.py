@@ -214,6 +214,19 @@ def test_peak_tensor_memory_counts_live_storages():
     kept = torch.zeros(2**18)   # alive before it starts: counted too
     assert peak_tensor_memory(lambda: None) - base == 2**20
 
+def test_peak_tensor_memory_leaves_a_fused_optimizer_fused():
+    "Dynamo does not compile under a dispatch mode: the fused step runs eagerly there instead of giving up compiling for good"
+    import warnings
+    model = nn.Linear(8, 4)
+    opt = fastopt.Adam(model.parameters(), lr=1e-3, fused=True)
+    def step(): model(torch.randn(2, 8)).sum().backward(); opt.step(); opt.zero_grad()
+    step()   # first steps are eager; the next one is fused
+    before = model.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert peak_tensor_memory(step) > 0
+    assert opt.fused is True and not torch.equal(model.weight, before) and opt._flat
+
 # ---------------------------------------------------------------- FSDP2 and DDP on 2 gloo ranks
 
 WORLD = 2
