@@ -59,7 +59,7 @@ def _refusal(cb) -> str|None:
 def _check_optimizer(opt):
     "Refuse what gradient release cannot step correctly: non-fastopt optimizers, and DDP's plain parameters on several ranks"
     if not (hasattr(opt, '_run') and hasattr(opt, 'param_lists') and hasattr(opt, 'fuses')):
-        raise TypeError(f"gradient release needs a fastopt optimizer (fastopt.Adam and the others), got {type(opt).__name__}")
+        raise TypeError(f"gradient release needs a fastopt optimizer (fastopt.Adam and the others), got {type(opt).__module__}.{type(opt).__qualname__}")
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     plain = [p for pg in opt.param_lists for p in pg if not is_dtensor(p)]
