@@ -195,7 +195,7 @@ def test_learner_allows_bf16_and_declared_safe_callbacks_and_refuses_torch_optim
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')   # without CUDA, fastai's CUDA autocast warns that it is disabled
         fit(learn, 1, 1e-2)
-    assert not torch.equal(next(learn.model.parameters()), before)
+    assert not torch.equal(next(learn.model.parameters()), before) and all(p.grad is None for p in learn.model.parameters())
     learn = digits_learner(lambda ps, lr: OptimWrapper(ps, torch.optim.SGD, lr=lr), cbs=GradientRelease())
     with pytest.raises(TypeError, match='fastopt optimizer.*OptimWrapper'): fit(learn, 1, 1e-2)
 
