@@ -15,6 +15,7 @@ from .scale_invariant import *
 from .ratio import *
 from .fastai_optimizers import *
 from .modern import *
+from .release import GradientRelease, release_gradients
 from .core import add_param_docs as _add_param_docs
 
 __all__ = [
@@ -22,7 +23,7 @@ __all__ = [
     'Adam', 'AMSGrad', 'RAdam', 'Lamb', 'SAdam', 'SRAdam', 'AdamGC', 'StableAdam', 'AdamAWD', 'UM', 'PreLamb',
     'DuvAdam', 'SUAdam', 'BAdam', 'SGD', 'RMSProp', 'QHAdam', 'Larc', 'Lion', 'ADOPT', 'ScheduleFreeAdamW', 'Muon',
     # what they are used with
-    'feeds_batchnorm', 'is_conv_weight', 'hidden_matrices', 'is_matrix', 'ScheduleFreeCallback',
+    'feeds_batchnorm', 'is_conv_weight', 'hidden_matrices', 'is_matrix', 'ScheduleFreeCallback', 'GradientRelease', 'release_gradients',
 ]
 
 def _document_all():

@@ -10,7 +10,7 @@ def test_star_import_is_deliberate():
     ns = {}
     exec('from fastopt import *', ns)
     names = set(ns) - {'__builtins__'}
-    assert names == set(fastopt.__all__) and len(names) == 27
+    assert names == set(fastopt.__all__) and len(names) == 29
     assert not any(isinstance(v, types.ModuleType) for v in ns.values())
     assert 'Optimizer' not in names and issubclass(fastopt.Optimizer, fastai.optimizer.Optimizer)   # still there as fastopt.Optimizer
     assert {'Adam', 'Lamb', 'Lion', 'ADOPT', 'ScheduleFreeAdamW', 'Muon', 'ScheduleFreeCallback'} <= names
