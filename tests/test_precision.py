@@ -1,0 +1,190 @@
+"""Low-precision weights and state (fastopt.precision, fastopt.lowbit) for every optimizer: Kahan compensation tracks
+float32, 8-bit state is kept where it should be, fused steps equal eager ones, resuming is bit-identical, and bad
+choices are refused with their value named before anything trains."""
+import copy, io, math
+from functools import partial
+
+import pytest
+import torch
+
+import fastopt
+from fastopt.precision import is_quantized, dequantize, state_nbytes, min_8bit_numel
+from fastopt.lowbit import quantize_rows, dequantize_rows, QBLOCK
+ALL_OPTIMIZERS = list(fastopt.__all__[:22])   # the 22 optimizers, as fastopt exports them
+
+HYPERS = dict(SUAdam=dict(lr=0.3), BAdam=dict(lr=0.3, beta=5.), DuvAdam=dict(lr=0.3), SGD=dict(lr=0.1, mom=0.9), Larc=dict(lr=1.),
+              Lion=dict(lr=1e-3), Muon=dict(lr=2e-2))
+SHAPES = [(96, 64), (8, 4, 3, 3), (12,), (5000,)]   # two with 4096 or more values (8-bit state), a conv weight, a bias
+
+def make(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(s, generator=g) * 0.5).to(dtype).requires_grad_() for s in SHAPES]
+
+def grads(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g).bfloat16().float() for s in SHAPES] for _ in range(n)]   # bf16 values: every dtype steps on the same gradients
+
+def run(name, dtype, steps=4, params=None, gs=None, **modes):
+    ps = make(dtype) if params is None else params
+    opt = getattr(fastopt, name)(ps, **{'lr': 1e-2, **HYPERS.get(name, {}), 'fused': False, **modes})
+    for g in (grads(steps) if gs is None else gs):
+        for p,x in zip(ps, g): p.grad = x.to(dtype)
+        opt.step()
+    return ps, opt
+
+@pytest.mark.parametrize('name', ALL_OPTIMIZERS)
+def test_kahan_tracks_float32(name):
+    "bf16 weights with Kahan compensation and float32 state follow the float32 run from the same start within the compensation's resolution, far closer than rounding to nearest"
+    start = make(torch.bfloat16)
+    ref,_ = run(name, torch.float32, params=[p.detach().float().requires_grad_() for p in start])
+    kahan,ko = run(name, torch.bfloat16, params=[p.detach().clone().requires_grad_() for p in start], state_dtype=torch.float32)
+    near,_ = run(name, torch.bfloat16, params=[p.detach().clone().requires_grad_() for p in start], state_dtype=torch.float32, kahan_sum=False)
+    for i,(r,k,n) in enumerate(zip(ref, kahan, near)):
+        full = k.float() + ko.state[k]['weight_comp'].float()
+        scale = r.abs().max().item()
+        assert (full - r).abs().max().item() <= 2**-14 * scale, f"{name} parameter {i}: Kahan weight {((full - r).abs().max().item())} from float32"
+        assert torch.isfinite(n.float()).all()
+    moved = [(r - p.float()).abs().max().item() for r,p in zip(ref, start)]
+    assert max(moved) > 2**-12, f"{name}: the float32 run hardly moved ({moved}), so the check above is empty"
+
+MODES = {'bf16+kahan+8bit': (torch.bfloat16, dict(state_dtype='8bit')), 'bf16+sr': (torch.bfloat16, dict(stochastic_round=True)),
+         'fp32+8bit': (torch.float32, dict(state_dtype='8bit')), 'fp32+bf16 state': (torch.float32, dict(state_dtype=torch.bfloat16))}
+
+@pytest.mark.parametrize('name', ALL_OPTIMIZERS)
+def test_state_kept_as_chosen(name):
+    "Each mode keeps element-wise state as chosen (8-bit codes for parameters of 4096 values or more, float32 below), 0-d state exact, and the weights finite"
+    for mode,(dtype,modes) in MODES.items():
+        ps,opt = run(name, dtype, **modes)
+        for p in ps:
+            assert torch.isfinite(p.float()).all(), f"{name} {mode}: non-finite weights"
+            assert p.dtype == dtype
+            for k,v in opt.state[p].items():
+                if is_quantized(v):
+                    assert modes.get('state_dtype') == '8bit' and p.numel() >= min_8bit_numel, f"{name} {mode}: {k} quantized on {tuple(p.shape)}"
+                    assert v['codes'].shape == p.shape and v['codes'].dtype == torch.uint8
+                elif isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape == p.shape and k != 'weight_comp':
+                    want = {'8bit': torch.float32}.get(modes.get('state_dtype'), modes.get('state_dtype') or p.dtype)
+                    assert v.dtype == want, f"{name} {mode}: {k} of {tuple(p.shape)} kept as {v.dtype}, not {want}"
+                    assert not (modes.get('state_dtype') == '8bit' and p.numel() >= min_8bit_numel), f"{name} {mode}: {k} of {tuple(p.shape)} not quantized"
+            assert ('weight_comp' in opt.state[p]) == (dtype == torch.bfloat16 and not modes.get('stochastic_round'))
+            assert ('round_count' in opt.state[p]) == bool(modes.get('stochastic_round'))
+
+def test_8bit_state_bytes():
+    "Adam's state: 8 bytes a value in float32, at most 2.1 with 8-bit state (codes and a 2-byte scale per 64 values)"
+    w = torch.randn(256, 256, requires_grad=True)
+    for state_dtype,lo,hi in ((None, 8, 8.01), ('8bit', 2.06, 2.1), (torch.bfloat16, 4, 4.01)):
+        opt = fastopt.Adam([w], lr=1e-3, state_dtype=state_dtype, fused=False)
+        w.grad = torch.randn_like(w); opt.step()
+        assert lo <= state_nbytes(opt) <= hi, (state_dtype, state_nbytes(opt))
+
+def test_quantizer_error_bounds():
+    "Every value is within 1/16 of its block's largest magnitude (the clamp above 1.875 scales) and, away from the bottom of the range, within 1/16 of itself"
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(500, QBLOCK, generator=g), torch.randn(500, QBLOCK, generator=g) ** 2 * 1e-8, torch.rand(500, QBLOCK, generator=g) * 1e6):
+        y = dequantize_rows(*quantize_rows(x))
+        m = x.abs().amax(1, keepdim=True)
+        assert ((y - x).abs() <= m / 16).all()
+        big = x.abs() > 1e-3 * m
+        assert ((y - x).abs()[big] <= x.abs()[big] / 16 + 1e-30).all()
+
+def resume(name, dtype, fused, backend='inductor', **modes):
+    "Steps 1-2, a state dict through torch.save/torch.load(weights_only=True) into a fresh optimizer, steps 3-5: the same weights and state bytes as 5 steps"
+    gs = grads(5)
+    def opt_for(ps):
+        opt = getattr(fastopt, name)(ps, **{'lr': 1e-2, **HYPERS.get(name, {}), 'fused': fused, **modes})
+        opt.fused_backend = backend
+        return opt
+    def steps(ps, opt, gs):
+        for g in gs:
+            for p,x in zip(ps, g): p.grad = x.to(dtype)
+            opt.step()
+    ps = make(dtype); opt = opt_for(ps); steps(ps, opt, gs)
+    qs = make(dtype); o1 = opt_for(qs); steps(qs, o1, gs[:2])
+    buf = io.BytesIO(); torch.save(o1.state_dict(), buf); buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    rs = [q.detach().clone().requires_grad_() for q in qs]
+    o2 = opt_for(rs); o2.load_state_dict(sd); steps(rs, o2, gs[2:])
+    for i,(p,r) in enumerate(zip(ps, rs)):
+        assert torch.equal(p, r), f"{name} resumed: parameter {i} differs"
+        for k,v in opt.state[p].items():
+            w = o2.state[r][k]
+            if is_quantized(v): assert all(torch.equal(v[x], w[x]) for x in v), f"{name} resumed: {k} of parameter {i}"
+            elif isinstance(v, torch.Tensor): assert torch.equal(v, w), f"{name} resumed: {k} of parameter {i}"
+
+@pytest.mark.parametrize('name', ['Adam', 'BAdam'])
+def test_resume_bit_identical_eager(name):
+    resume(name, torch.bfloat16, False, state_dtype='8bit')
+    resume(name, torch.bfloat16, False, stochastic_round=True, state_dtype='8bit')
+
+def test_resume_bit_identical_fused():
+    "A fused optimizer (dynamo's graph run by aot_eager: the layout and write-back logic; inductor's code is checked by test_fused_modes) resumes bit-identically in each mode"
+    resume('Adam', torch.bfloat16, True, backend='aot_eager', state_dtype='8bit')
+    resume('Adam', torch.bfloat16, True, backend='aot_eager', stochastic_round=True)
+
+def fused_vs_eager(name, dtype, backend, steps=4, **modes):
+    eager,eo = run(name, dtype, steps=steps, **modes)
+    ps = make(dtype)
+    opt = getattr(fastopt, name)(ps, **{'lr': 1e-2, **HYPERS.get(name, {}), 'fused': True, **modes})
+    opt.fused_backend = backend
+    for g in grads(steps):
+        for p,x in zip(ps, g): p.grad = x.to(dtype)
+        opt.step()
+    assert opt.fused is True, f"{name}: the fused step failed and fell back to eager"
+    return eager, ps, eo, opt
+
+@pytest.mark.parametrize('name', ALL_OPTIMIZERS)
+def test_fused_modes_traced(name):
+    "Every optimizer's fused step (dynamo's graph, run by aot_eager) equals its eager one with bf16 weights, Kahan compensation and 8-bit state, within a bf16 unit"
+    eager,ps,eo,opt = fused_vs_eager(name, torch.bfloat16, 'aot_eager', state_dtype='8bit')
+    for i,(e,p) in enumerate(zip(eager, ps)):
+        ulp = 2**-7 * e.float().abs().clamp_min(2**-10)
+        assert ((e.float() - p.float()).abs() <= ulp).all(), f"{name} parameter {i}: fused and eager differ by more than a bf16 unit"
+
+@pytest.mark.parametrize('name,modes', [('Adam', dict(state_dtype='8bit')), ('Adam', dict(stochastic_round=True)),
+                                        ('Lamb', dict(state_dtype='8bit')), ('BAdam', dict(state_dtype='8bit'))])
+def test_fused_modes(name, modes):
+    "Compiled by inductor, the fused step equals the eager one: bf16 weights and their Kahan compensation or stochastic rounding within a bf16 unit, 8-bit state within one code"
+    eager,ps,eo,opt = fused_vs_eager(name, torch.bfloat16, 'inductor', **modes)
+    assert opt._flat and any(opt._flat[0].buckets), f"{name}: nothing was laid out for the fused step"
+    for i,(e,p) in enumerate(zip(eager, ps)):
+        ulp = 2**-7 * e.float().abs().clamp_min(2**-10)
+        assert ((e.float() - p.float()).abs() <= ulp).all(), f"{name} parameter {i}: fused and eager weights differ by more than a bf16 unit"
+        if 'weight_comp' in eo.state[e]:
+            full_e = e.float() + eo.state[e]['weight_comp'].float(); full_p = p.float() + opt.state[p]['weight_comp'].float()
+            assert ((full_e - full_p).abs() <= 2**-14 * full_e.abs().clamp_min(2**-10)).all(), f"{name} parameter {i}: compensated weights differ"
+            assert opt.state[p]['weight_comp'].abs().max() > 0, "the fused step left the compensation at zero (casts not rounded)"
+
+def test_bad_choices_refused():
+    "Each bad choice raises a ValueError naming its value when the optimizer is built"
+    w = torch.zeros(3, requires_grad=True)
+    cases = [(dict(state_dtype='4bit'), "Invalid state_dtype: '4bit'"), (dict(state_dtype=torch.int8), 'Invalid state_dtype: torch.int8'),
+             (dict(kahan_sum=True), 'Invalid kahan_sum: True'), (dict(stochastic_round=True), 'Invalid stochastic_round: True'),
+             (dict(kahan_sum='yes'), "Invalid kahan_sum: 'yes'")]
+    for modes,msg in cases:
+        for name in ('Adam', 'Lion', 'BAdam'):
+            with pytest.raises(ValueError, match=msg.replace('(', r'\(').replace('[', r'\[')):
+                getattr(fastopt, name)([w], lr=1e-3, **modes)
+    with pytest.raises(ValueError, match='Invalid stochastic_round: True for torch.int64'):
+        fastopt.Adam([torch.zeros(3, dtype=torch.int64)], lr=1e-3, stochastic_round=True)
+    with pytest.raises(ValueError, match='use kahan_sum for float16'):
+        fastopt.Adam([torch.zeros(3, dtype=torch.float16, requires_grad=True)], lr=1e-3, stochastic_round=True)
+
+def test_set_precision_converts_state():
+    "`set_precision` on a stepped optimizer: its float32 state is quantized at the next step and the run goes on close to the float32 one"
+    ps,opt = run('Adam', torch.float32, steps=3)
+    ref,_ = run('Adam', torch.float32, steps=6)
+    opt.set_precision(state_dtype='8bit')
+    for g in grads(6)[3:]:
+        for p,x in zip(ps, g): p.grad = x
+        opt.step()
+    assert is_quantized(opt.state[ps[0]]['grad_avg'])
+    assert max((p - r).abs().max().item() for p,r in zip(ps, ref)) < 0.05 * 1e-2 * 6
+    with pytest.raises(ValueError, match='Invalid kahan_sum: True'): opt.set_precision(kahan_sum=True)
+
+def test_schedule_free_switch_keeps_compensation():
+    "ScheduleFreeAdamW's train/eval switch moves a bf16 weight with its compensation, and back again to within the compensation's resolution"
+    ps,opt = run('ScheduleFreeAdamW', torch.bfloat16, steps=3, state_dtype='8bit')
+    before = [p.float() + opt.state[p]['weight_comp'].float() for p in ps]
+    opt.eval(); opt.train()
+    after = [p.float() + opt.state[p]['weight_comp'].float() for p in ps]
+    for b,a in zip(before, after): assert (b - a).abs().max() <= 2**-14 * b.abs().max()
