@@ -35,9 +35,12 @@ def check_names(
 
 def check_optimizers(
     names:list, # Optimizer names given to `--opt`
-    known:tuple=optimizer_names, # The names accepted: `optimizer_names` for `compare`, `bench_optimizer_names` for `bench`
+    known:tuple|None=None, # The names accepted: `bench_optimizer_names` for `bench`; None: `compare`'s, the registry's
 ) -> list:
     "`names`, if each is an optimizer the command knows: the one place the command line checks an optimizer name, before torch is imported"
+    if known is None:
+        reg = sys.modules.get('fastopt.registry')   # imported before `main` was called: it may hold optimizers a user registered
+        known = optimizer_names if reg is None else tuple(reg.registry)
     return check_names(names, known, 'optimizer')
 
 # %% ../nbs/90_cli.ipynb #8b5b1538

@@ -75,6 +75,15 @@ def test_the_names_known_before_torch_are_the_real_ones():
     assert cli.bench_optimizer_names == tuple(bench_optimizers)
     assert cli.param_set_names == tuple(param_sets)
 
+def test_an_optimizer_registered_before_main_is_accepted():
+    "A user's module that adds to `fastopt.registry.registry` before calling `main` (nbs/11_writing.ipynb) gets its name through the check"
+    from fastopt.cli import check_optimizers
+    from fastopt.registry import registry
+    with pytest.raises(ValueError, match="Unknown optimizer: 'Mine'"): check_optimizers(['Mine'])
+    registry['Mine'] = dict(registry['Adam'])
+    try: assert check_optimizers(['Adam', 'Mine']) == ['Adam', 'Mine']
+    finally: del registry['Mine']
+
 def test_the_package_loads_its_names_on_first_use():
     "`import fastopt` is cheap; the first name used imports the optimizers, documented before anyone sees them, whichever way they are reached"
     code = """
