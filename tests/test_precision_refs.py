@@ -182,14 +182,17 @@ def quantizer_errors(seed:int=0, n:int=256 * QBLOCK) -> dict:
     return out
 
 def test_quantizer_errors_against_bitsandbytes():
-    "fastopt's float-like codes have a relative error of at most 2^-4 everywhere (3 mantissa bits); bitsandbytes' dynamic map is finer near the block's absmax and coarser below it"
+    "First moments (sign, 3 exponent, 4 mantissa bits): within 2^-5 of the block's absmax, and a smaller mean and 99th-percentile relative error than bitsandbytes' signed dynamic map, which is finer near the absmax. Second moments (5 exponent, 3 mantissa bits): within 2^-4 of themselves everywhere above 1e-3 of the absmax, where the dynamic map's coarse low end errs more"
     e = quantizer_errors()
-    for kind in ('m: Gaussian', 'v: squared Gaussian'):
-        fo,bnb = e[kind, 'fastopt'],e[kind, 'bitsandbytes']
-        assert fo['max rel err'] <= 2 ** -4 and fo['max err/absmax'] <= 2 ** -4, fo   # measured 5.9e-2 / 6.0e-2 (m / v)
-        assert fo['max rel err'] < bnb['max rel err'], (fo, bnb)                   # bitsandbytes: 1.8e-1 / 1.1e-1
-        assert bnb['max err/absmax'] < fo['max err/absmax'], (fo, bnb)             # bitsandbytes: 7.0e-3 / 3.5e-3
-        assert fo['mean rel err'] < 3 * bnb['mean rel err'], (fo, bnb)            # 2.3e-2 against 1.4e-2 / 1.1e-2
+    fo,bnb = e['m: Gaussian', 'fastopt'],e['m: Gaussian', 'bitsandbytes']
+    assert fo['max err/absmax'] <= 2 ** -5, fo                                   # measured 2.9e-2
+    assert fo['mean rel err'] < bnb['mean rel err'], (fo, bnb)                   # 1.20e-2 against 1.41e-2
+    assert fo['p99 rel err'] < bnb['p99 rel err'], (fo, bnb)                     # 3.4e-2 against 6.3e-2
+    assert bnb['max err/absmax'] < fo['max err/absmax'], (fo, bnb)               # bitsandbytes: 7.0e-3
+    fo,bnb = e['v: squared Gaussian', 'fastopt'],e['v: squared Gaussian', 'bitsandbytes']
+    assert fo['max rel err'] <= 2 ** -4 and fo['max err/absmax'] <= 2 ** -4, fo   # measured 6.0e-2 / 6.0e-2
+    assert fo['max rel err'] < bnb['max rel err'], (fo, bnb)                     # bitsandbytes: 1.1e-1
+    assert fo['mean rel err'] < 3 * bnb['mean rel err'], (fo, bnb)              # 2.3e-2 against 1.1e-2
 
 if __name__ == '__main__':   # the tables of the precision notes, over three seeds
     seeds = (0, 1, 2)
