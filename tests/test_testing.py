@@ -30,7 +30,7 @@ def test_modern_optimizers_fuse(check): check()
 
 def test_report_lists_every_check():
     report = check_optimizer(fastopt.Adam, fused=False)
-    assert len(report) == 9 and 'Adam: all 9 checks pass' in repr(report) and 'resume_learner' in repr(report)
+    assert len(report) == 11 and 'Adam: all 11 checks pass' in repr(report) and 'resume_learner' in repr(report)
 
 # ---------------------------------------------------------------- the four mistakes
 
