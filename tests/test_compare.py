@@ -192,3 +192,96 @@ def test_update_stats_plot_survives_validate(tmp_path):
     with learn.no_bar(): learn.validate()
     stats.plot().savefig(tmp_path/'d.png', dpi=70)
     assert colored_pixels(tmp_path/'d.png') > 2000
+
+# ---------------------------------------------------------------- your own optimizer: module:builder
+
+MY_OPTS = '''
+import fastopt
+def SlowAdam(params, lr=3e-3, fused=False): return fastopt.Adam(params, lr=lr, fused=fused)
+def NoDefaultLr(params, lr, fused=False): return fastopt.Adam(params, lr=lr, fused=fused)
+def Broken(params, lr=1e-2, fused=False): return fastopt.Adam(params, lr=lr, sqr_mom=2., fused=fused)
+def NotAnOptimizer(params, lr=1e-2): return 'not an optimizer'
+def NoLr(params, momentum=0.9): return None
+settings = 3
+'''
+
+@pytest.fixture
+def my_opts(tmp_path, monkeypatch):
+    "A module of builders in the working directory, under a name no other test uses"
+    import uuid
+    name = f'my_opts_{uuid.uuid4().hex[:8]}'
+    (tmp_path/f'{name}.py').write_text(MY_OPTS)
+    monkeypatch.chdir(tmp_path)
+    return name
+
+def no_training(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fb, 'run_one', lambda *a, **k: calls.append(a))
+    return calls
+
+@pytest.mark.parametrize('builder,message', [
+    ('nosuchmodule_xyz:Adam', "no module 'nosuchmodule_xyz'"),
+    ('{m}:Missing', "module '{m}' ("),
+    ('{m}:settings', "is a int, not an optimizer builder"),
+    ('{m}:NoLr', "takes no lr (params, momentum)"),
+    ('{m}:NotAnOptimizer', "built a str, which has no step()"),
+    ('{m}:Broken', "Invalid sqr_mom: 2.0"),
+    ('{m}:NoDefaultLr', "has no usable lr for workload 'digits' (None): give its builder a default lr, or pass --lr"),
+    ('{m}', "Unknown optimizer: '{m}'"),
+])
+def test_module_builder_errors_before_training(my_opts, monkeypatch, tmp_path, builder, message):
+    calls = no_training(monkeypatch)
+    with pytest.raises(ValueError) as e:
+        fb.benchmark([digits_workload(epochs=1)], ['Adam', builder.format(m=my_opts)], seeds=1, out=tmp_path/'out', progress=False)
+    assert message.format(m=my_opts) in str(e.value), str(e.value)
+    assert calls == []
+
+def test_missing_hypers_for_one_workload_fails_before_any_run(monkeypatch, tmp_path):
+    monkeypatch.setitem(registry, 'DigitsOnly', dict(opt=fastopt.Adam, digits=dict(lr=1e-2)))
+    calls = no_training(monkeypatch)
+    with pytest.raises(ValueError, match="DigitsOnly has no hypers for workload 'tabular'"):
+        fb.benchmark(['digits', 'tabular'], ['Adam', 'DigitsOnly'], seeds=1, out=tmp_path, progress=False)
+    assert calls == []
+
+def test_module_builder_runs_from_its_default_lr_and_the_report_says_where_it_came_from(my_opts, tmp_path):
+    res = fb.benchmark([digits_workload(epochs=1)], [f'{my_opts}:SlowAdam', 'fastai.Adam'], seeds=2, out=tmp_path/'out', progress=False)
+    runs = res.runs
+    assert set(runs.status) == {'ok'} and set(runs[runs.optimizer == f'{my_opts}:SlowAdam'].lr) == {3e-3}
+    report = (tmp_path/'out'/'report.md').read_text()
+    assert f"- {my_opts}:SlowAdam: {my_opts}.SlowAdam ({tmp_path/my_opts}.py), default lr 0.003" in report
+    assert f'| {my_opts}:SlowAdam |' in report and 'vs fastai.Adam: held-out loss' in report
+
+def test_sweep_centres_on_the_builders_default_lr(my_opts, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(fb, 'run_one', lambda w, name, lr, seed, *a, **k: (seen.append(lr), dict(workload=w.name, optimizer=name, phase='sweep', lr=lr, seed=seed,
+                                                                                     status='diverged', metric=math.nan, note='stopped'))[1])
+    fb.benchmark([digits_workload(epochs=1)], [f'{my_opts}:SlowAdam'], seeds=1, sweep=True, grid=3, out=tmp_path/'out', progress=False)
+    assert seen == fb.lr_grid(3e-3, 3)
+
+# ---------------------------------------------------------------- the statistics
+
+def test_paired_test_and_holm_resolve_a_known_effect():
+    "Seed noise shared by every optimizer (sd 1) hides a 0.3 effect from unpaired intervals; the paired test finds it, Holm keeps the null ones"
+    rng = np.random.default_rng(3)
+    seeds = range(5)
+    shared = rng.normal(0, 1., 5)
+    base = {s: shared[s] + rng.normal(0, 0.02) for s in seeds}
+    effects = [0.3, -0.3] + [0.] * 18
+    opts = [{s: shared[s] + d + rng.normal(0, 0.02) for s in seeds} for d in effects]
+    m,_,ci,_ = fb.mean_ci(list(opts[0].values()))
+    mb,_,cib,_ = fb.mean_ci(list(base.values()))
+    assert abs(m - mb) < ci + cib   # unpaired 95% intervals overlap
+    p = [fb.paired_test(o, base)['p'] for o in opts]
+    adj = fb.holm(p)
+    assert list(adj < 0.05) == [True, True] + [False] * 18
+    assert np.all(adj >= np.array(p)) and adj[np.argmin(p)] == pytest.approx(min(p) * 20)
+
+def test_holm_against_a_hand_computed_example():
+    np.testing.assert_allclose(fb.holm([0.01, 0.02, 0.03, 0.5]), [0.04, 0.06, 0.06, 0.5])
+
+def test_intervals_respect_the_metric_range_and_say_when_seeds_tie():
+    assert fb.fmt_metric(0.9944, 0.0069, 3, '%', (0., 1.)) == '99.44% (CI 98.75–100.00, n=3)'
+    assert fb.fmt_metric(0.9944, 0.0069, 3, '%') == '99.44% ± 0.69 (n=3)'   # without bounds, as before
+    assert fb.fmt_metric(0.99, 0., 3, '%', (0., 1.), std=0.) == '99.00% (n=3, every seed the same)'
+    assert 'fewer than 3 seeds' in fb.fmt_metric(0.9, 0.01, 2, '%', (0., 1.))
+    assert fb.clip_interval(0.02, 0.05, (0., math.inf)) == (0., pytest.approx(0.07))
