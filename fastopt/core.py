@@ -16,12 +16,15 @@ from fastcore.foundation import L
 import fastai.optimizer
 from fastai.optimizer import weight_decay, l2_reg, average_grad, average_sqr_grad, _update
 from .flat import *
+from .callbacks import _cb_attr, _cb_names, _cb_name
+from .fused import static_hypers, flat_versions, shared_step, _graph_key, _no_duck_shapes, _scalar_dtype, _dynamic, _with_grads, _reduces, _GroupLayouts
+from .shard_buckets import _ShardBucket
+_all_ = ['static_hypers']   # the hypers that select code: set in `fastopt.fused`, which reads them; `from fastopt.core import *` gives them as before
 
 # %% auto #0
-__all__ = ['hyper_rules', 'static_hypers', 'positive_beta', 'shared_steps_kept', 'flat_versions', 'momentum_stats', 'adam_stats',
-           'real', 'check_hyper', 'check_bool', 'softplus', 'group_step', 'compiled_step', 'shared_step',
-           'flat_weight_decay', 'flat_l2_reg', 'Optimizer', 'step_count', 'bias_correction', 'weight_decay_cb',
-           'debiased_step', 'adam_denom', 'rms', 'add_param_docs']
+__all__ = ['hyper_rules', 'momentum_stats', 'adam_stats', 'real', 'check_hyper', 'check_bool', 'group_step', 'Optimizer',
+           'step_count', 'bias_correction', 'weight_decay_cb', 'debiased_step', 'adam_denom', 'rms', 'add_param_docs',
+           'static_hypers']
 
 # %% ../nbs/00_core.ipynb #a30455de
 def real(v) -> float:
@@ -65,91 +68,6 @@ def check_bool(
     names = ['True', 'False', *map(repr, also)]
     raise ValueError(f"Invalid {name}: {value!r} (expected {', '.join(names[:-1])} or {names[-1]})")
 
-# %% ../nbs/00_core.ipynb #083d6418
-static_hypers = {'wd', 'beta'}
-
-# %% ../nbs/00_core.ipynb #d961247b
-_ln2_hi,_ln2_lo = 0.693359375, -2.12194440e-4   # ln 2 in two parts, the first with few enough bits that n·hi is exact in float32 for n ≤ 126 (Cody and Waite's reduction)
-
-_exp_coefs = (1., 1., 0.49999141693115234, 0.1666688621044159, 0.04189858213067055, 0.008333838544785976)   # e^r ≈ Σ c_k·r^k where |r| ≤ ln(2)/2 (fitted below)
-_log1p_coefs = (1., -0.49998727440834045, 0.33304455876350403, -0.2474081814289093, 0.18749146163463593,
-                -0.12972129881381989, 0.07068488746881485, -0.02516378089785576, 0.004206794314086437)   # log(1 + u) ≈ u·Σ c_k·u^k where 0 ≤ u ≤ 1 (fitted below)
-
-def _fma(
-    a:Tensor, # A tensor
-    b, # A tensor or a number
-    c, # A tensor or a number
-) -> Tensor:
-    "`a`·`b` + `c` rounded once: a fused multiply-add in a compiled CPU or CUDA kernel, float64 arithmetic run eagerly (where `a`·`b` is exact)"
-    if not torch.compiler.is_compiling(): return (a.double() * b + c).to(a.dtype)   # what the compiled kernel computes, so the checks below check it
-    if a.device.type not in ('cpu', 'cuda'): return a * b + c
-    from torch._inductor.inductor_prims import fma   # inductor's prim, which its kernels write as one instruction
-    as_tensor = lambda v: v if isinstance(v, Tensor) else torch.tensor(v, dtype=a.dtype, device=a.device)
-    return fma(a, as_tensor(b), as_tensor(c))
-
-def _horner(
-    x:Tensor, # Where to evaluate
-    coefs:tuple, # c_0, c_1, ..., lowest power first (two or more)
-) -> Tensor:
-    "Σ c_k·`x`^k by Horner's rule, a chain of fused multiply-adds"
-    acc = _fma(x, coefs[-1], coefs[-2])
-    for c in reversed(coefs[:-2]): acc = _fma(acc, x, c)
-    return acc
-
-def _power(x:Tensor, k:int) -> Tensor:
-    "`x`^`k` for an integer `k` ≥ 1 by repeated squaring"
-    result,base = None,x
-    while k:
-        if k & 1: result = base if result is None else result * base
-        k >>= 1
-        if k: base = base * base
-    return result
-
-def _polynomial(
-    x:Tensor, # Where to evaluate
-    coefs:tuple, # c_0, c_1, ..., lowest power first
-    split:int, # Where the upper half starts
-) -> Tensor:
-    "Σ c_k·`x`^k as A(x) + x^`split`·B(x), the lower and upper coefficients each by Horner's rule: two short chains a CPU core runs side by side, not one long one"
-    return _fma(_horner(x, coefs[split:]), _power(x, split), _horner(x, coefs[:split]))
-
-def _exp_neg_f32(
-    z:Tensor, # float32, z ≥ 0
-) -> Tensor:
-    "e^-`z` within 4 ulps in arithmetic a compiled kernel keeps in vector registers: z = n·ln 2 - r with |r| ≤ ln(2)/2, e^r by a degree-5 polynomial, 2^-n built from its exponent bits; 0 where z ≥ 87"
-    zc = z.clamp_max(87.)
-    n = torch.round(zc * (1 / math.log(2)))
-    r = _fma(n, _ln2_lo, _fma(n, _ln2_hi, -zc))
-    return torch.where(z < 87., _polynomial(r, _exp_coefs, 3) * ((127 - n.to(torch.int32)) << 23).view(torch.float32), 0.)
-
-def _log1p_by_u_f32(
-    u:Tensor, # float32, 0 ≤ u ≤ 1
-) -> Tensor:
-    "log(1 + `u`)/`u` by a degree-8 polynomial, without a division: `u` times it is log(1 + `u`) within 2·2^-24 (1.2e-7)"
-    return _polynomial(u, _log1p_coefs, 4)
-
-def _softplus_f32(
-    x:Tensor, # float32
-    z:Tensor, # β|x|, capped
-    beta, # β > 0
-) -> Tensor:
-    "x⁺ + log(1 + e^-z)/β in the arithmetic above"
-    u = _exp_neg_f32(z)
-    return _fma(_log1p_by_u_f32(u), u * (1 / beta), x.clamp_min(0))
-
-def softplus(
-    x:Tensor, # A denominator
-    beta, # β; 0 leaves `x` unchanged
-) -> Tensor:
-    "softplus_β(`x`) = log(1 + exp(β`x`))/β, or `x` itself when `beta` is 0"
-    if not beta: return x
-    z = beta * x.abs()   # where x > 0 and βx is over the cap, the log term is under 1e-19 (float64) or 1e-10 (narrower) of x, below rounding: the cap changes no result and keeps exp and log1p clear of subnormal numbers, which are slow
-    z = torch.where(x > 0, z.clamp_max(40. if x.dtype == torch.float64 else 20.), z)
-    if x.dtype == torch.float32 and torch.compiler.is_compiling(): return _softplus_f32(x, z, beta)
-    return x.clamp_min(0) + torch.log1p(torch.exp(-z)) / beta
-
-positive_beta = (lambda v: 0 < real(v) < math.inf, '0 < beta < inf: the softplus replaces eps, so it cannot be turned off')
-
 # %% ../nbs/00_core.ipynb #6ad5ebad
 def _param_groups(params:L) -> list:
     "Parameter groups as lists, the way fastai's `Optimizer` reads `params`"
@@ -171,15 +89,6 @@ def _check_params(params:L):
         seen.add(id(p))
 
 # %% ../nbs/00_core.ipynb #101e90fa
-def _cb_attr(cb, name):
-    "Attribute `name` of callback `cb`, looking through `functools.partial`"
-    return getattr(cb, name, None) or getattr(getattr(cb, 'func', None), name, None)
-
-def _cb_names(cb) -> set:
-    "Names a callback takes besides the parameter: the hypers and state it reads"
-    ps = list(inspect.signature(cb).parameters.values())[1:]
-    return {q.name for q in ps if q.kind not in (q.VAR_KEYWORD, q.VAR_POSITIONAL)}
-
 def _spread(k, v:slice, n:int, rules) -> list:
     "fastai's reading of a `slice` hyper over `n` groups, with its ends checked and kept exactly"
     if v.stop is None: raise ValueError(f"Invalid {k}: {v!r} (a slice needs a stop)")
@@ -194,10 +103,6 @@ def _plain(v):
     if isinstance(v, Tensor) and v.numel() == 1: return v.item()
     if isinstance(v, numbers.Real) and not isinstance(v, (bool, int, float)): return float(v)
     return v
-
-def _cb_name(cb) -> str:
-    "A callback's function name, looking through `functools.partial`"
-    return getattr(cb, 'func', cb).__name__
 
 def _fits(t:Tensor, p:Tensor) -> bool:
     "Whether state tensor `t` can belong to parameter `p`: a 0-d count, `p`'s shape, or `p`'s shape with some sizes 1 (a value per channel)"
@@ -235,298 +140,6 @@ def group_step(cbs, params, states, hyper):
         for cb in cbs: state = _update(state, cb(p, **{**state, **hyper}))
         res.append(state)
     return res
-
-# %% ../nbs/00_core.ipynb #1ac7c2f9
-def compiled_step(fn:Callable, backend='inductor', options:dict|None=None) -> Callable:
-    "`fn` compiled as one graph, with a code object (and so a compile cache) of its own"
-    code = fn.__code__.replace(co_name=f'fused_{fn.__name__}')
-    return torch.compile(types.FunctionType(code, fn.__globals__, f'fused_{fn.__name__}'),
-                         fullgraph=True, dynamic=False, backend=backend, options=options)
-
-_shared_steps = {}  # graph key: the compiled `flat_group_step` every bucket with that key runs, in any group or optimizer
-shared_steps_kept = 64  # How many compiled steps the process keeps for optimizers yet to come, the least recently used going first (set it on `fastopt.core`)
-
-def _graph_key(cbs:list, args:dict, signature:tuple, names:tuple, per_tensor:tuple, backend, options:dict|None):
-    "What a fused graph depends on besides the sizes it takes as dynamic (None if part of it cannot be hashed)"
-    def part(v): return ('tensor', v.dtype, v.device, v.ndim) if isinstance(v, Tensor) else (type(v), v)
-    def cb_key(cb):   # builders make a new `partial` per optimizer: the same function and arguments are the same callback
-        if type(cb) is not partial: return cb
-        return ('partial', cb_key(cb.func), tuple(map(part, cb.args)), tuple((k, part(v)) for k,v in sorted(cb.keywords.items())))
-    key = (tuple(map(cb_key, cbs)), tuple((k, part(args[k])) for k in sorted(args)), signature, names, per_tensor, backend,
-           tuple((k, part(v)) for k,v in sorted((options or {}).items())))
-    try: hash(key)
-    except TypeError: return None
-    return key
-
-def shared_step(key:tuple|None, backend='inductor', options:dict|None=None) -> Callable:
-    "The compiled `flat_group_step` for graph `key`, made on first use and shared by every bucket with that key (a new one if `key` is None)"
-    if key is None: return compiled_step(flat_group_step, backend, options)
-    fn = _shared_steps.pop(key, None) or compiled_step(flat_group_step, backend, options)
-    _shared_steps[key] = fn   # now the most recently used
-    while len(_shared_steps) > shared_steps_kept: _shared_steps.pop(next(iter(_shared_steps)))   # optimizers that hold one keep it
-    return fn
-
-class _no_duck_shapes:
-    "Keep sizes that happen to be equal (blocks, tensors, channels) apart, so one graph serves every model (a plain swap of the setting: `_config.patch` took 50 µs a step)"
-    def __enter__(self):
-        cfg = torch.fx.experimental._config
-        self.old,cfg.use_duck_shape = cfg.use_duck_shape,False
-    def __exit__(self, *exc): torch.fx.experimental._config.use_duck_shape = self.old
-
-def _dynamic_size(*ts):
-    "Mark dim 0 of `ts` dynamic; return the first"
-    for t in ts: torch._dynamo.mark_dynamic(t, 0)
-    return ts[0]
-
-def _scalar_dtype(device): return torch.float32 if device.type == 'mps' else torch.float64
-
-def _dynamic(k, v) -> bool:
-    "Whether hyper `k` goes into a fused graph as a tensor (numbers that may change every step) or as it is"
-    return k not in static_hypers and (type(v) in (float, int) or isinstance(v, numbers.Real) and not isinstance(v, bool))   # floats first: an ABC check is slow
-
-# %% ../nbs/00_core.ipynb #51429961
-def flat_weight_decay(p, lr, wd, do_wd=True, **kwargs):
-    "fastai's `weight_decay` with `do_wd` one bool per block of a flat layout: p ← p·(1 - ηλ) where `do_wd`"
-    if wd != 0: p.data.mul_(torch.where(do_wd, 1 - lr * wd, 1.).to(p.dtype))
-
-def flat_l2_reg(p, lr, wd, do_wd=True, **kwargs):
-    "fastai's `l2_reg` with `do_wd` one bool per block of a flat layout: g ← g + λp where `do_wd`"
-    if wd != 0: p.grad.copy_(torch.where(do_wd, p.grad + p.data * wd, p.grad))
-
-flat_versions = {weight_decay: flat_weight_decay, l2_reg: flat_l2_reg}  # callbacks whose flat version takes `do_wd` per block
-
-def _per_block_bools(cbs) -> set:
-    "Constant state the flat step can take as one bool per block: `do_wd`, when only callbacks with a flat version read it"
-    return set() if any('do_wd' in _cb_names(cb) for cb in cbs if cb not in flat_versions) else {'do_wd'}
-
-def _plain_tensor(p) -> bool:
-    "Whether `p` is a plain tensor or `Parameter` (not a DTensor or other subclass, whose storage its owner manages)"
-    return type(p) in (Tensor, torch.nn.Parameter) and p.layout == torch.strided
-
-def _dense(t:Tensor) -> bool:
-    "Whether `t`'s elements fill its memory span exactly once (contiguous in some dim order)"
-    if t.numel() == 0: return False
-    st = sorted((s, n) for s,n in zip(t.stride(), t.shape) if n != 1)
-    span = 1
-    for s,n in st:
-        if s != span: return False
-        span *= n
-    return True
-
-def _kind(k, v, p:Tensor):
-    "How state `v` of `p` goes into a flat layout: ('elem'|'scalar'|'channel', dtype), ('static', v), or None if it cannot"
-    if isinstance(v, Tensor):
-        if not _plain_tensor(v) or v.device != p.device or not v.is_floating_point(): return None
-        if v.ndim == 0: return ('scalar', v.dtype)
-        if v.shape == p.shape: return ('elem', v.dtype) if v.dtype == p.dtype else None
-        if p.ndim >= 2 and v.shape == (p.shape[0],) + (1,) * (p.ndim - 1): return ('channel', v.dtype)
-        return None
-    if v is None or isinstance(v, (bool, int, float, str)): return ('static', v)
-    return None
-
-def _signature(p:Tensor, state:dict, channels:bool, bools:set, read:set):
-    "The bucket `p` goes into: device, dtype and the kinds of its state; None for a parameter that steps eagerly"
-    if not _plain_tensor(p) or p.ndim == 0 or not _dense(p) or (channels and not channel_aligned(p)): return None
-    kinds = []
-    for k,v in sorted(state.items()):
-        if k in bools and isinstance(v, bool): continue
-        kd = _kind(k, v, p)
-        if kd is not None and kd[0] == 'static' and k not in read: continue   # constant state no callback reads (`force_train`)
-        if kd is None or (kd[0] == 'channel' and not channels): return None
-        kinds.append((k,) + kd)
-    return (p.device, p.dtype, tuple(kinds))
-
-_layout_tensors = ('block_tensor', 'block_valid', 'tensor_ndim', 'tensor_first_block', 'tensor_numel', 'block_channel', 'channel_numel')
-
-class _Bucket:
-    "Parameters of one group, device, dtype and state signature, re-pointed into flat buffers"
-    def __init__(self, opt, params:list, kinds:tuple, channels:bool, bools:set):
-        self.params,self.opt = params,opt
-        self.layout = lay = FlatLayout([p.data for p in params], channels=channels)
-        self.p = lay.pack([p.data for p in params])
-        for p,v in zip(params, lay.views(self.p)): p.data = v
-        self.g = lay.empty()
-        self.grads = lay.views(self.g)
-        self.p.grad = self.g
-        self.state,self.statics,self.views = {},{},{}
-        self.per_tensor = tuple(k for k,kind,x in kinds if kind == 'scalar')
-        for k,kind,x in kinds:
-            vals = [opt.state[p][k] for p in params]
-            if kind == 'static': self.statics[k] = x; continue
-            if kind == 'elem': buf = lay.pack(vals, x); vs = lay.views(buf)
-            elif kind == 'scalar': buf = lay.per_block(vals, x); vs = lay.scalar_views(buf)
-            else: buf = lay.per_channel(vals, x); vs = lay.channel_views(buf)
-            self.state[k],self.views[k] = buf,vs
-            for p,v in zip(params, vs): opt.state[p][k] = v
-        self.bools = {k: [opt.state[p].get(k, True) for p in params] for k in bools}
-        for k,vs in self.bools.items(): self.statics[k] = _dynamic_size(lay.per_block(vs, torch.float64) > 0)
-        self.ptrs = [p.data_ptr() for p in params]
-        self.gptrs = [g.data_ptr() for g in self.grads]
-        self.dicts = [opt.state[p] for p in params]
-        self._live = None
-        _dynamic_size(self.p, self.g, *self.state.values(), *(getattr(lay, k) for k in _layout_tensors))
-
-    def valid(self) -> bool:
-        "Whether every parameter and state tensor still lives in the flat buffers (cheap: data pointers and identities)"
-        if list(map(Tensor.data_ptr, self.params)) != self.ptrs: return False
-        if any(map(operator.is_not, map(self.opt.state.__getitem__, self.params), self.dicts)): return False
-        for k,vs in self.views.items():
-            if any(d.get(k) is not v for d,v in zip(self.dicts, vs)): return False
-        for k,x in self.statics.items():
-            if k in self.bools:
-                if [d.get(k, True) for d in self.dicts] != self.bools[k]: return False
-            elif any(d.get(k) != x for d in self.dicts): return False
-        return True
-
-    def attach_grads(self):
-        "Point every gradient into the flat gradient buffer (copying those that are elsewhere, refusing sparse ones); return the live mask, or None if no parameter has a gradient"
-        grads = [p.grad for p in self.params]
-        try: moved = [i for i,(g,ptr) in enumerate(zip(grads, self.gptrs)) if g is not None and g.data_ptr() != ptr]
-        except RuntimeError: _with_grads(self.params); raise   # a sparse gradient has no data pointer
-        for i in moved:
-            self.grads[i].copy_(grads[i])
-            self.params[i].grad = self.grads[i]
-        live = [g is not None for g in grads]
-        if not any(live): return None
-        if live != self._live: self._live,self._mask = live,_dynamic_size(self.layout.per_block(live, torch.float64) > 0)
-        return self._mask
-
-def _local(t:Tensor) -> Tensor: return t.to_local() if is_dtensor(t) else t
-
-def _check_dense_grad(p):
-    "Refuse `p`'s gradient unless it is dense"
-    if p.grad.layout != torch.strided: raise RuntimeError(f"fastopt optimizers do not support sparse gradients (parameter of shape {tuple(p.shape)}, gradient {p.grad.layout})")
-
-def _with_grads(params:list) -> list:
-    "Those of `params` that have a gradient, refusing sparse ones"
-    res = [p for p in params if p.grad is not None]
-    for p in res: _check_dense_grad(p)
-    return res
-
-def _shards_filled(p) -> bool:
-    "Whether every rank holds some of `p` (FSDP2 chunks dim 0 like `torch.chunk`: 5 rows over 4 ranks leave the last empty); global, so the same on every rank"
-    n,w = p.shape[0],p.device_mesh.size()
-    return n > 0 and -(-n // w) * (w - 1) < n
-
-def _shard_signature(p:Tensor, state:dict, channels:bool, bools:set, read:set):
-    "The bucket of a DTensor parameter (FSDP2: `Shard(0)` on a 1-D mesh) whose step can run on flat copies of this rank's shards; None: it steps eagerly"
-    if not is_dtensor(p) or channels or p.ndim == 0: return None
-    from torch.distributed.tensor import Shard
-    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),) or not _shards_filled(p) or not _dense(p._local_tensor): return None
-    kinds = []
-    for k,v in sorted(state.items()):
-        if k in bools and isinstance(v, bool): continue
-        if is_dtensor(v):
-            if v.shape == p.shape and v.dtype == p.dtype and v.placements == p.placements: kinds.append((k, 'elem', v.dtype))
-            elif v.ndim == 0 and all(pl.is_replicate() for pl in v.placements) and v.is_floating_point(): kinds.append((k, 'scalar', v.dtype))
-            else: return None
-        elif isinstance(v, Tensor):
-            if not (_plain_tensor(v) and v.ndim == 0 and v.is_floating_point()): return None
-            kinds.append((k, 'scalar', v.dtype))
-        elif v is None or isinstance(v, (bool, int, float, str)):
-            if k in read: kinds.append((k, 'static', v))
-        else: return None
-    return ('shards', p.device_mesh.get_group().group_name, p.device_mesh.device_type, p.dtype, tuple(kinds))   # FSDP2 makes a mesh per `fully_shard`, over one group
-
-class _ShardBucket:
-    "DTensor parameters of one group and state signature, stepped on flat copies of this rank's shards; the layout all-reduces the per-tensor sums over the mesh, once per helper call"
-    def __init__(self, opt, params:list, kinds:tuple, bools:set):
-        self.params,self.opt,self.kinds = params,opt,kinds
-        mesh = params[0].device_mesh
-        self.layout = lay = FlatLayout([p._local_tensor for p in params], numels=[p.numel() for p in params], process_group=mesh.get_group())
-        self.p,self.g = lay.empty(),lay.empty()
-        self.p.grad = self.g
-        self.state,self.statics = {},{}
-        self.per_tensor = tuple(k for k,kind,x in kinds if kind == 'scalar')
-        for k,kind,x in kinds:
-            if kind == 'static': self.statics[k] = x
-            else: self.state[k] = lay.empty(x, per_block=kind == 'scalar')
-        self.bools = {k: [opt.state[p].get(k, True) for p in params] for k in bools}
-        for k,vs in self.bools.items(): self.statics[k] = _dynamic_size(lay.per_block(vs, torch.float64) > 0)
-        self.read = set().union(*map(_cb_names, opt.cbs))   # the names the callbacks read: fixed while this layout lives (`prepend_cb` forgets it)
-        self.sigs = [_shard_signature(p, opt.state[p], False, bools, self.read) for p in params]
-        self._live = None
-        _dynamic_size(self.p, self.g, *self.state.values(), *(getattr(lay, k) for k in _layout_tensors))
-
-    def valid(self) -> bool:
-        "Whether the parameters' state still has the kinds the flat buffers were laid out for"
-        bools = set(self.bools)
-        if [_shard_signature(p, self.opt.state[p], False, bools, self.read) for p in self.params] != self.sigs: return False   # no `inspect.signature` on every step
-        return all([self.opt.state[p].get(k, True) for p in self.params] == vs for k,vs in self.bools.items())
-
-    def attach_grads(self):
-        "Copy this rank's shards of the parameters, gradients and state into the flat buffers; return the live mask, or None if no parameter has a gradient"
-        lay,params = self.layout,self.params
-        grads = [p.grad for p in params]
-        for p,g in zip(params, grads):
-            if g is not None: _check_dense_grad(p)
-        live = [g is not None for g in grads]
-        if not any(live): return None
-        for v,p in zip(lay.views(self.p), params): v.copy_(p._local_tensor)
-        for v,g in zip(lay.views(self.g), grads):
-            if g is None: v.zero_()
-            else: v.copy_(_local(g))
-        for k,kind,x in self.kinds:
-            if kind == 'elem':
-                for v,p in zip(lay.views(self.state[k]), params): v.copy_(_local(self.opt.state[p][k]))
-            elif kind == 'scalar': self.state[k].copy_(lay.per_block([_local(self.opt.state[p][k]) for p in params], x))
-        if live != self._live: self._live,self._mask = live,_dynamic_size(lay.per_block(live, torch.float64) > 0)
-        return self._mask
-
-    def copy_back(self,
-        grads:bool=False, # Also the gradients (the callbacks changed them)
-    ):
-        "Write the stepped flat buffers back into the parameters' shards and their state"
-        lay = self.layout
-        for v,p in zip(lay.views(self.p), self.params): p._local_tensor.copy_(v)
-        if grads:
-            for v,p in zip(lay.views(self.g), self.params):
-                if p.grad is not None: _local(p.grad).copy_(v)
-        for k,kind,x in self.kinds:
-            if kind == 'elem':
-                for v,p in zip(lay.views(self.state[k]), self.params): _local(self.opt.state[p][k]).copy_(v)
-            elif kind == 'scalar':
-                for v,p in zip(lay.scalar_views(self.state[k]), self.params): _local(self.opt.state[p][k]).copy_(v)
-
-def _chunks(params:list, limit:int|None) -> list:
-    "`params` in order, cut into runs whose flat buffers hold at most `limit` bytes each (a larger parameter alone; None: one run)"
-    res,size = [[]],0
-    for p in params:
-        n = -(-p.numel() // BLOCK) * BLOCK * p.element_size()
-        if res[-1] and limit is not None and size + n > limit: res,size = res + [[]],0
-        res[-1].append(p); size += n
-    return res
-
-def _reduces(cbs) -> bool:
-    "Whether a callback takes the flat `layout`: it reduces over tensors or channels, so its step runs in more than one pass"
-    return any('layout' in _cb_names(cb) for cb in cbs)
-
-class _GroupLayouts:
-    "A group's parameters that step fused, bucketed by device, dtype and state signature"
-    def __init__(self, opt, group:list, seen:set|None=None):
-        if seen is None: seen = set(map(id, group))
-        params = [p for p in group if id(p) in seen]   # a parameter's first step makes its state: it is laid out from its second (`seen`: ids of those that have had it; None: all)
-        channels = any(_cb_attr(cb, 'per_channel') for cb in opt.cbs)
-        limit = opt.fused_chunk_bytes
-        bools,read = _per_block_bools(opt.cbs),set().union(*map(_cb_names, opt.cbs))
-        shaped = [f for f in (_cb_attr(cb, 'needs_shape') for cb in opt.cbs) if f]   # per-matrix work (Muon) needs the parameter's own shape
-        by = {}
-        self.unfit = set()
-        for p in params:
-            if any(f(opt.state[p]) for f in shaped): sig = None
-            else: sig = _signature(p, opt.state[p], channels, bools, read) or _shard_signature(p, opt.state[p], channels, bools, read)
-            if sig is None: self.unfit.add(id(p))
-            else: by.setdefault(sig, []).append(p)
-        self.buckets = {}   # (signature..., chunk): a bucket; the chunks of one signature share one compiled graph
-        for k,ps in by.items():
-            if k[0] == 'shards': self.buckets[k + (0,)] = _ShardBucket(opt, ps, k[4], bools)
-            else:
-                for i,c in enumerate(_chunks(ps, limit)): self.buckets[k + (i,)] = _Bucket(opt, c, k[2], channels, bools)
-        self.ids = {id(p) for b in self.buckets.values() for p in b.params}
-        self.outside = [p for p in group if id(p) not in self.ids]   # they step eagerly
-        self.pending = [p for p in group if id(p) not in seen]   # once one of them has stepped, the group is laid out again
-
-    def valid(self, opt) -> bool: return all(b.valid() for b in self.buckets.values())
 
 # %% ../nbs/00_core.ipynb #5004be85
 class Optimizer(fastai.optimizer.Optimizer):

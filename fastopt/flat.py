@@ -327,3 +327,31 @@ def register_graph_passes():
     "Make `RealizeColumns` an inductor `CustomGraphPass`, which inductor needs to cache the graphs it runs on; the fused path calls this before it compiles, so that `import fastopt` does not import inductor"
     from torch._inductor.custom_graph_pass import CustomGraphPass
     CustomGraphPass.register(RealizeColumns)
+
+# %% ../nbs/00a_flat.ipynb #647f8b87
+def _dynamic_size(*ts):
+    "Mark dim 0 of `ts` dynamic; return the first"
+    for t in ts: torch._dynamo.mark_dynamic(t, 0)
+    return ts[0]
+
+def _plain_tensor(p) -> bool:
+    "Whether `p` is a plain tensor or `Parameter` (not a DTensor or other subclass, whose storage its owner manages)"
+    return type(p) in (Tensor, torch.nn.Parameter) and p.layout == torch.strided
+
+def _dense(t:Tensor) -> bool:
+    "Whether `t`'s elements fill its memory span exactly once (contiguous in some dim order)"
+    if t.numel() == 0: return False
+    st = sorted((s, n) for s,n in zip(t.stride(), t.shape) if n != 1)
+    span = 1
+    for s,n in st:
+        if s != span: return False
+        span *= n
+    return True
+
+_layout_tensors = ('block_tensor', 'block_valid', 'tensor_ndim', 'tensor_first_block', 'tensor_numel', 'block_channel', 'channel_numel')
+
+def _local(t:Tensor) -> Tensor: return t.to_local() if is_dtensor(t) else t
+
+def _check_dense_grad(p):
+    "Refuse `p`'s gradient unless it is dense"
+    if p.grad.layout != torch.strided: raise RuntimeError(f"fastopt optimizers do not support sparse gradients (parameter of shape {tuple(p.shape)}, gradient {p.grad.layout})")

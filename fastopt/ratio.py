@@ -10,6 +10,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 from .core import *
+from .softplus import softplus, positive_beta
 from .flat import *
 
 # %% auto #0

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 import matplotlib.pyplot as plt
 from .core import *
+from .softplus import softplus, positive_beta
 
 # %% auto #0
 __all__ = ['rho_min_rule', 'rectifier', 'plot_rectifier', 'rectified_step', 'radam_step', 'RAdam', 'sadam_step', 'SAdam',

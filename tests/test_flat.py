@@ -179,7 +179,7 @@ def test_a_group_cut_into_chunks_steps_like_one():
 
 def test_a_group_is_one_bucket_unless_chunks_are_asked_for():
     "A group's fused parameters of one kind are one bucket whatever their size and optimizer; `fused_chunk_bytes` cuts any optimizer's between parameters"
-    from fastopt.core import _GroupLayouts
+    from fastopt.fused import _GroupLayouts
     for name in ('Adam', 'SAdam', 'Lamb', 'AdamGC'):
         for size, limit, want in ((2**21, None, [5]), (512, 4096, [2, 2, 1])):   # 5 of 8 MiB (more than the 30 MiB chunks reductions had), 5 of 2 KiB
             ps = [torch.randn(size // 64, 64, requires_grad=True) for _ in range(5)]   # whole rows of 64: per-channel AdamGC lays them out
@@ -191,7 +191,7 @@ def test_a_group_is_one_bucket_unless_chunks_are_asked_for():
             assert [len(b.params) for b in buckets.values()] == want, (name, limit, list(buckets))
 
 def test_chunks_cut_between_parameters():
-    from fastopt.core import _chunks
+    from fastopt.fused import _chunks
     ps = [torch.zeros(100), torch.zeros(10), torch.zeros(3000), torch.zeros(1)]   # 128, 64, 3008 and 64 values in blocks
     test = [[len(c) for c in _chunks(ps, limit)] for limit in (4 * 192, 4 * 191, 4 * 10**6)]
     assert test == [[2, 1, 1], [1, 1, 1, 1], [4]], test
@@ -234,16 +234,16 @@ def test_new_partials_share_the_compiled_step():
 
 def test_the_process_keeps_the_most_recently_used_steps():
     "At most `shared_steps_kept` compiled steps wait for later optimizers; a hit makes one the most recent, the oldest goes first"
-    from fastopt import core
-    old, core.shared_steps_kept = core.shared_steps_kept, 2
+    from fastopt import fused
+    old, fused.shared_steps_kept = fused.shared_steps_kept, 2
     try:
-        a, b = core.shared_step(('test', 'a'), 'eager'), core.shared_step(('test', 'b'), 'eager')
-        assert core.shared_step(('test', 'a'), 'eager') is a
-        core.shared_step(('test', 'c'), 'eager')   # b is now the least recently used
-        assert len(core._shared_steps) == 2 and core.shared_step(('test', 'a'), 'eager') is a
-        assert core.shared_step(('test', 'b'), 'eager') is not b
-        assert core.shared_step(None, 'eager') is not core.shared_step(None, 'eager'), 'no key: a step of its own'
-    finally: core.shared_steps_kept = old
+        a, b = fused.shared_step(('test', 'a'), 'eager'), fused.shared_step(('test', 'b'), 'eager')
+        assert fused.shared_step(('test', 'a'), 'eager') is a
+        fused.shared_step(('test', 'c'), 'eager')   # b is now the least recently used
+        assert len(fused._shared_steps) == 2 and fused.shared_step(('test', 'a'), 'eager') is a
+        assert fused.shared_step(('test', 'b'), 'eager') is not b
+        assert fused.shared_step(None, 'eager') is not fused.shared_step(None, 'eager'), 'no key: a step of its own'
+    finally: fused.shared_steps_kept = old
 
 def test_dtensor_parameters_step_fused_on_their_shards():
     "FSDP2's DTensor parameters are never re-pointed (FSDP owns their storage): they step fused on flat copies of their shards (`_ShardBucket`), as with fused=False (tests/test_fsdp.py: 2 ranks, uneven shards)"

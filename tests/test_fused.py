@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch._inductor.utils import run_and_get_code
 import fastopt
-from fastopt.core import _reduces
+from fastopt.fused import _reduces
 from helpers import SEED_OPTIMIZERS as optimizers
 
 # Every optimizer with its defaults (the graphs test_hostile and test_resume compile too, so inductor's cache serves them

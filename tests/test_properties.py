@@ -415,7 +415,7 @@ def test_adam_amsgrad_radam_equal_torch(case, steps):
 def check_identical_runs(case, fused, first=None):
     "A second run of `case` gives bit-identical parameters and state to the first (`run`'s result, made here unless given)"
     a, opt_a = first or run(case, fused, 5)
-    fastopt.core._shared_steps.clear()   # so the second run traces and compiles a step of its own, as another process would
+    fastopt.fused._shared_steps.clear()   # so the second run traces and compiles a step of its own, as another process would
     b, opt_b = run(case, fused, 5)
     assert not fused or not {id(f) for f in opt_a._fns.values()} & {id(f) for f in opt_b._fns.values()}
     assert opt_a.fused == opt_b.fused == fused
