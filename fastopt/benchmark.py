@@ -379,7 +379,7 @@ def write_report(
             md += ['Runs that did not finish:', ''] + [f'- {r.optimizer} lr={r.lr:.3g} seed {r.seed} ({r.phase}): {r.status}: {r.note}' for r in bad.itertuples()] + ['']
     summary = pd.concat(sums, ignore_index=True) if sums else pd.DataFrame()
     summary.to_csv(out/'summary.csv', index=False)
-    pd.concat(tests, ignore_index=True).to_csv(out/'pairwise.csv', index=False) if tests else None
+    (pd.concat(tests, ignore_index=True) if tests else pd.DataFrame()).to_csv(out/'pairwise.csv', index=False)
     ee = pd.DataFrame(epochs).dropna(axis=0)   # NaN: not run on that workload (inf: ran, missed the target)
     md += ['## Performance profile', '']
     reached = int(np.isfinite(ee.to_numpy(dtype=float)).any(axis=0).sum()) if ee.size else 0
@@ -406,11 +406,12 @@ def write_report(
 # %% ../nbs/88_benchmark.ipynb #7408682c
 @dataclass
 class BenchmarkResult:
-    "What `benchmark` returns: the summary table, every run, the output folder, and whether it was interrupted"
+    "What `benchmark` returns: the summary table, every run, the output folder, whether it was interrupted, and the paired tests against the baselines"
     summary:pd.DataFrame
     runs:pd.DataFrame
     out:Path
     interrupted:bool=False
+    tests:pd.DataFrame=field(default_factory=pd.DataFrame)
 
 _keycols = ['workload', 'optimizer', 'lr', 'seed', 'epochs', 'fused']
 def _key(workload, name, lr, seed, epochs, fused): return (workload, name, f'{float(lr):.6g}', int(seed), int(epochs), bool(fused))
@@ -538,7 +539,9 @@ def benchmark(
     order = [n for n in list(registry) if n in names] + [n for n in names if n not in registry]
     settings = (settings + ' ' if settings else '') + f'torch threads: {torch.get_num_threads()}.'
     summary = write_report(runs, wls, out, order=order, settings=settings, baselines=baselines) if len(runs) else pd.DataFrame()
-    return BenchmarkResult(summary, runs, out, interrupted)
+    pw = out/'pairwise.csv'
+    tests = pd.read_csv(pw) if len(runs) and pw.exists() and pw.stat().st_size > 1 else pd.DataFrame()
+    return BenchmarkResult(summary, runs, out, interrupted, tests)
 
 _columns = dict.fromkeys(['workload', 'optimizer', 'phase', 'lr', 'seed', 'epochs', 'fused', 'hypers', 'status', 'metric', 'valid_loss', 'time_to_target',
                           'seconds', 'train_seconds', 'curve', 'loss_curve', 'times', 'note'])
