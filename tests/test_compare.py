@@ -49,7 +49,7 @@ def colored_pixels(png) -> int:
 
 def test_diverging_run_is_recorded_and_the_rest_is_written(tmp_path, monkeypatch):
     monkeypatch.setitem(registry, 'Blowup', dict(opt=fastopt.Adam, digits=dict(lr=1e6)))
-    code,out,err = run_cli(['compare', '--opt', 'Adam,Blowup', '--epochs', '1', '--seeds', '2', '--quiet', '--out', str(tmp_path)])
+    code,out,err = run_cli(['compare', '--workload', 'digits', '--opt', 'Adam,Blowup', '--epochs', '1', '--seeds', '2', '--quiet', '--out', str(tmp_path)])
     assert code == 0, err
     runs = pd.read_csv(tmp_path/'runs.csv')
     assert set(runs[runs.optimizer == 'Blowup'].status) == {'diverged'}
@@ -67,7 +67,7 @@ def test_diverging_run_is_recorded_and_the_rest_is_written(tmp_path, monkeypatch
 @pytest.mark.parametrize('valley', [1e6, float('nan')])
 def test_lr_find_suggestion_that_blows_up(tmp_path, monkeypatch, valley):
     monkeypatch.setattr(Learner, 'lr_find', lambda self, **kw: SimpleNamespace(valley=valley))
-    code,out,err = run_cli(['compare', '--opt', 'Adam', '--epochs', '1', '--seeds', '1', '--lr', 'auto', '--out', str(tmp_path)])
+    code,out,err = run_cli(['compare', '--workload', 'digits', '--opt', 'Adam', '--epochs', '1', '--seeds', '1', '--lr', 'auto', '--out', str(tmp_path)])
     assert code == 0, err
     runs = pd.read_csv(tmp_path/'runs.csv')
     assert list(runs.status) == (['diverged'] if valley == 1e6 else ['error'])
@@ -75,7 +75,7 @@ def test_lr_find_suggestion_that_blows_up(tmp_path, monkeypatch, valley):
     assert (tmp_path/'report.md').exists() and (tmp_path/'summary.csv').exists()
 
 def test_diagnostics_plot_has_curves(tmp_path):
-    code,_,err = run_cli(['compare', '--opt', 'Adam', '--epochs', '1', '--seeds', '1', '--diagnostics', '--quiet', '--out', str(tmp_path)])
+    code,_,err = run_cli(['compare', '--workload', 'digits', '--opt', 'Adam', '--epochs', '1', '--seeds', '1', '--diagnostics', '--quiet', '--out', str(tmp_path)])
     assert code == 0, err
     png = tmp_path/'diagnostics-digits-Adam.png'
     assert colored_pixels(png) > 2000, 'the diagnostics plot has no curves'
@@ -285,3 +285,26 @@ def test_intervals_respect_the_metric_range_and_say_when_seeds_tie():
     assert fb.fmt_metric(0.99, 0., 3, '%', (0., 1.), std=0.) == '99.00% (n=3, every seed the same)'
     assert 'fewer than 3 seeds' in fb.fmt_metric(0.9, 0.01, 2, '%', (0., 1.))
     assert fb.clip_interval(0.02, 0.05, (0., math.inf)) == (0., pytest.approx(0.07))
+
+def fake_run(w, name, lr, seed, epochs=None, fused=False, phase='final', **k):
+    "A run that trains nothing: the metric is a function of the optimizer and seed"
+    v = 0.9 + 0.01 * seed + (0.05 if 'Slow' in name else 0.)
+    return dict(workload=w.name, optimizer=name, phase=phase, lr=lr, seed=seed, epochs=epochs or w.epochs, fused=fused, status='ok',
+                metric=v, valid_loss=1 - v, time_to_target=math.nan, seconds=0.1, curve=f'{v}', loss_curve=f'{1 - v}', times='0.1', note='')
+
+def test_cli_runs_a_module_builder_and_the_report_reproduces_the_command(my_opts, tmp_path, monkeypatch):
+    monkeypatch.setattr(fb, 'run_one', fake_run)
+    code,out,err = run_cli(['compare', '--opt', f'{my_opts}:SlowAdam,Adam', '--workload', 'digits,tabular', '--baseline', 'Adam', '--quiet', '--out', 'out'])
+    assert code == 0, err
+    report = (tmp_path/'out'/'report.md').read_text()
+    assert f"`fastopt compare --opt {my_opts}:SlowAdam,Adam --workload digits,tabular --baseline Adam --quiet --out out` run in `{tmp_path}`" in report
+    assert report.count('| **better** +5.00 pts') == 1   # digits accuracy: 0.05 on every seed; tabular's rmse is lower-is-better: worse
+    assert 'against Adam (paired over seeds, Holm-adjusted p < 0.05): 2 better, 0 worse' in out
+
+@pytest.mark.parametrize('cmd', ['compare', 'bench'])
+def test_cli_refuses_a_bad_module_builder_in_one_line(my_opts, tmp_path, monkeypatch, cmd):
+    calls = no_training(monkeypatch)
+    for spec,message in ((f'{my_opts}:Missing', f"module '{my_opts}' ("), (f'{my_opts}:settings', 'not an optimizer builder'), ('nomod_q:X', "no module 'nomod_q'")):
+        code,_,err = run_cli([cmd, '--opt', spec, '--out', str(tmp_path/'out')])
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert calls == []
