@@ -652,5 +652,7 @@ def check_optimizer(
         for f in failures: same.setdefault(f.detail, []).append(f.check)
         lines = [f"  - {' and '.join(repr(c) for c in cs) if len(cs) < 3 else ', '.join(repr(c) for c in cs)}{' (the same error)' if len(cs) > 1 else ''}: {d}"
                  for d,cs in same.items()]
+        if failures[0].check == 'state_not_grad':   # state that is p.grad changes under the optimizer: resumes and copies differ because of it
+            lines.append("  (fix 'state_not_grad' first: the other failures may follow from it)")
         raise OptimizerCheckFailed(', '.join(f.check for f in failures), '\n' + '\n'.join(lines), name)
     return CheckReport(name, rows)
