@@ -15,14 +15,15 @@ import torch
 from scipy import stats as _stats
 from fastai.callback.core import Callback, CancelFitException
 from .registry import registry, entry, hypers_for, can_fuse, source
+from .outputs import check_out
 from .workloads import Workload, get_workload
 from .diagnostics import UpdateStats
 from .plots import plot_workload, plot_sensitivity, plot_profile, profile_ratios
 
 # %% auto #0
 __all__ = ['mean_ci', 'clip_interval', 'paired_test', 'holm', 'lr_grid', 'RunWatch', 'opt_func_for', 'run_one', 'Progress',
-           'check_out', 'summarize', 'fmt_metric', 'compare_baselines', 'write_report', 'BenchmarkResult', 'check_plan',
-           'benchmark', 'suggest_lr']
+           'summarize', 'fmt_metric', 'compare_baselines', 'write_report', 'BenchmarkResult', 'check_plan', 'benchmark',
+           'suggest_lr']
 
 # %% ../nbs/88_benchmark.ipynb #cdca7d5b
 def mean_ci(values, level:float=0.95) -> tuple:
@@ -195,17 +196,6 @@ class Progress:
 
     def close(self):
         if self.tty: self.stream.write('\n'); self.stream.flush()
-
-# %% ../nbs/88_benchmark.ipynb #ea52129f
-def check_out(out:str|Path) -> Path:
-    "Make `out` and check it is a writable folder"
-    out = Path(out)
-    if out.exists() and not out.is_dir(): raise ValueError(f"Output folder {str(out)!r} is a file")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix='.fastopt-write-check-'): pass
-    except OSError as e: raise ValueError(f"Cannot write to output folder {str(out)!r}: {e.strerror or e}") from None
-    return out
 
 # %% ../nbs/88_benchmark.ipynb #a6a3014d
 def _time_to(workload:Workload, curve, times) -> float:

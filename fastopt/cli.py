@@ -7,12 +7,43 @@ from __future__ import annotations
 import argparse, math, os, sys
 from pathlib import Path
 import fastopt
-from .registry import optimizers, registry, entry
-from .workloads import workloads, get_workload, csv_workload
-from .benchmark import benchmark, check_out, fmt_metric
+from .outputs import check_out
 
 # %% auto #0
-__all__ = ['format_summary', 'main']
+__all__ = ['optimizer_names', 'workload_names', 'bench_optimizer_names', 'param_set_names', 'bench_runs', 'check_names',
+           'check_optimizers', 'format_summary', 'main']
+
+# %% ../nbs/90_cli.ipynb #27df6415
+optimizer_names = ('Adam', 'AMSGrad', 'RAdam', 'Lamb', 'SAdam', 'SRAdam', 'AdamGC', 'StableAdam', 'AdamAWD', 'UM', 'PreLamb',
+                   'DuvAdam', 'SUAdam', 'BAdam', 'Lion', 'ADOPT', 'ScheduleFreeAdamW', 'Muon', 'SGD', 'RMSProp', 'QHAdam', 'Larc',
+                   'fastai.SGD', 'fastai.Adam')   # the keys of `fastopt.registry.registry`, in its order
+workload_names = ('digits', 'text', 'tabular')   # the keys of `fastopt.workloads.workloads`
+bench_optimizer_names = ('Adam', 'AMSGrad', 'RAdam', 'SAdam', 'SRAdam', 'AdamGC', 'DuvAdam', 'Lamb', 'StableAdam', 'AdamAWD', 'UM',
+                         'PreLamb', 'SUAdam', 'BAdam', 'SGD', 'RMSProp', 'QHAdam', 'Larc')   # `fastopt.bench.bench_optimizers`
+param_set_names = ('resnet18', 'transformer', 'many')   # the keys of `fastopt.bench.param_sets`
+bench_runs = ('step', 'compile', 'e2e', 'peers')   # what `fastopt bench --what` runs
+
+def check_names(
+    names:list, # The names given
+    known:tuple, # The names accepted
+    what:str, # What they name, for the message
+) -> list:
+    "`names`, if each is one of `known`; otherwise a `ValueError` naming the first that is not"
+    for n in names:
+        if n not in known: raise ValueError(f"Unknown {what}: {n!r} (known: {', '.join(known)})")
+    return names
+
+def check_optimizers(
+    names:list, # Optimizer names given to `--opt`
+    known:tuple|None=None, # The names accepted: `bench_optimizer_names` for `bench`; None: `compare`'s, the registry's
+) -> list:
+    "`names`, if each is an optimizer the command knows: the one place the command line checks an optimizer name, before torch is imported"
+    if known is None:
+        reg = sys.modules.get('fastopt.registry')   # imported before `main` was called: it may hold optimizers a user registered
+        known = optimizer_names if reg is None else tuple(reg.registry)
+    for n in names:   # module:builder names are a user's own: imported, and checked, once torch may be
+        if ':' not in n and n not in known: raise ValueError(f"Unknown optimizer: {n!r} (known: {', '.join(known)}; or module:builder for one of your own)")
+    return names
 
 # %% ../nbs/90_cli.ipynb #8b5b1538
 def _names(s:str|None, what:str) -> list|None:
@@ -27,6 +58,7 @@ def _fail(cmd:str, msg:str):
 
 def format_summary(summary, wl) -> str:
     "One workload's summary as aligned text"
+    from fastopt.benchmark import fmt_metric
     s = summary[summary.workload == wl.name]
     rows = [(r.optimizer, f'{r.lr:.3g}', fmt_metric(r['mean'], r.ci95, r.n, wl.unit, wl.bounds, r['std']),
              ('–' if not math.isfinite(r.epochs_to_target) else f'{r.epochs_to_target:g}') if wl.target is not None else '',
@@ -35,25 +67,37 @@ def format_summary(summary, wl) -> str:
     w = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
     return '\n'.join('  '.join(str(x[i]).ljust(w[i]) for i in range(len(head))).rstrip() for x in [head] + rows)
 
+def _compare_args(args) -> tuple:
+    "The optimizer names, workload names, lr and baselines of `compare`'s `args`, checked without torch; a `ValueError` for the first mistake"
+    names = _names(args.opt, 'optimizer')
+    wnames = _names(args.workload, 'workload') if args.workload is not None else ([] if args.csv else ['digits', 'tabular'])
+    if (args.csv is None) != (args.target is None): raise ValueError("Give both --csv and --target, or neither")
+    if args.task and not args.csv: raise ValueError("--task applies to --csv only")
+    check_names(wnames, workload_names, 'workload')
+    if names is not None:
+        check_optimizers(names)
+        if len(set(names)) < len(names): raise ValueError(f"An optimizer is named twice: {', '.join(names)}")
+    baselines = check_optimizers(_names(args.baseline, 'baseline'))
+    lr = args.lr
+    if lr not in (None, 'auto'):
+        try: lr = float(lr)
+        except ValueError: lr = math.nan
+        if not 0 < lr < math.inf: raise ValueError(f"Invalid lr: {args.lr!r} (expected a positive number or 'auto')")
+    if args.sweep and lr == 'auto': raise ValueError("Give either --lr auto or --sweep, not both")
+    for k in ('epochs', 'seeds', 'grid', 'threads'):
+        v = getattr(args, k)
+        if v is not None and v < 1: raise ValueError(f"Invalid {k}: {v} (expected a positive integer)")
+    check_out(args.out)
+    return names, wnames, lr, baselines
+
 def _compare(args):
+    try: names,wnames,lr,baselines = _compare_args(args)
+    except ValueError as e: _fail('compare', str(e))
+    from fastopt.workloads import get_workload, csv_workload   # torch and fastai from here on
+    from fastopt.benchmark import benchmark
+    from fastopt.registry import entry
     try:
-        names = _names(args.opt, 'optimizer')
-        wnames = _names(args.workload, 'workload') if args.workload is not None else ([] if args.csv else ['digits', 'tabular'])
-        if (args.csv is None) != (args.target is None): raise ValueError("Give both --csv and --target, or neither")
-        if args.task and not args.csv: raise ValueError("--task applies to --csv only")
-        for w in wnames:
-            if w not in workloads: raise ValueError(f"Unknown workload: {w!r} (known: {', '.join(workloads)})")
-        for n in names or []: entry(n)   # an unknown name, or a module:builder that cannot be imported or is no builder
-        baselines = _names(args.baseline, 'baseline')
-        for n in baselines: entry(n)
-        lr = args.lr
-        if lr not in (None, 'auto'):
-            try: lr = float(lr)
-            except ValueError: raise ValueError(f"Invalid lr: {lr!r} (expected a positive number or 'auto')") from None
-        for k in ('epochs', 'seeds', 'grid', 'threads'):
-            v = getattr(args, k)
-            if v is not None and v < 1: raise ValueError(f"Invalid {k}: {v} (expected a positive integer)")
-        check_out(args.out)
+        for n in (names or []) + baselines: entry(n)   # a module:builder that cannot be imported or is no builder stops here
         log = (lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
         wls = [get_workload(w) for w in wnames]
         if args.csv: wls.append(csv_workload(args.csv, args.target, args.task, log=log))
@@ -74,23 +118,20 @@ def _compare(args):
 
 # %% ../nbs/90_cli.ipynb #a5e63bdc
 def _bench(parser, args):
-    from fastopt.bench import bench, bench_optimizers, bench_builder, param_sets, compile_bench, end_to_end, peers_bench
     try:
-        names = list(bench_optimizers) if args.opt is None else _names(args.opt, 'optimizer')
-        for n in names:
-            if ':' in n: bench_builder(n)   # your own, as module:builder: refused here if it cannot be imported or is no builder
-            elif n not in bench_optimizers: raise ValueError(f"Unknown optimizer: {n!r} (known: {', '.join(bench_optimizers)}; or module:builder for one of your own)")
-        sets = _names(args.sets, 'parameter set')
-        for n in sets:
-            if n not in param_sets: raise ValueError(f"Unknown parameter set: {n!r} (known: {', '.join(param_sets)})")
+        names = list(bench_optimizer_names) if args.opt is None else check_optimizers(_names(args.opt, 'optimizer'), bench_optimizer_names)
+        sets = check_names(_names(args.sets, 'parameter set'), param_set_names, 'parameter set')
         if args.steps < 1: raise ValueError(f"Invalid steps: {args.steps} (expected a positive integer)")
-        runs = dict(step=lambda: bench(names, sets, steps=args.steps, log=True), compile=lambda: compile_bench(names, sets, log=True),
-                    e2e=lambda: end_to_end(log=True), peers=lambda: peers_bench(sets, steps=args.steps))
-        what = _names(args.what, 'benchmark')
-        for w in what:
-            if w not in runs: raise ValueError(f"Unknown --what: {w!r} (known: {', '.join(runs)})")
+        what = check_names(_names(args.what, 'benchmark'), bench_runs, '--what')
         out = check_out(args.out)
     except ValueError as e: _fail('bench', str(e))
+    from fastopt.bench import bench, bench_builder, compile_bench, end_to_end, peers_bench   # torch and fastai from here on
+    try:
+        for n in names:
+            if ':' in n: bench_builder(n)   # your own, as module:builder: refused here if it cannot be imported or is no builder
+    except ValueError as e: _fail('bench', str(e))
+    runs = dict(step=lambda: bench(names, sets, steps=args.steps, log=True), compile=lambda: compile_bench(names, sets, log=True),
+                e2e=lambda: end_to_end(log=True), peers=lambda: peers_bench(sets, steps=args.steps))
     for w in what:
         res = runs[w]()
         path = out/('bench.csv' if w == 'step' else f'{w}.csv')
@@ -100,20 +141,20 @@ def _bench(parser, args):
 
 # %% ../nbs/90_cli.ipynb #6498f7c5
 def _regret(args):
-    from fastopt.experiments import regret_experiment
     if args.steps < 1: _fail('regret', f"Invalid steps: {args.steps} (expected a positive integer)")
     try: check_out(args.out)
     except ValueError as e: _fail('regret', str(e))
+    from fastopt.experiments import regret_experiment
     res = regret_experiment(args.steps, args.out, stochastic=args.stochastic, seed=args.seed)
     stem = 'regret-stochastic' if args.stochastic else 'regret'
     print(res.to_string(index=False))
     print(f"\nwritten: {Path(args.out)/f'{stem}.csv'}, {Path(args.out)/f'{stem}.png'}")
 
 def _trajectories(args):
-    from fastopt.experiments import plot_trajectories
     if args.steps < 1: _fail('trajectories', f"Invalid steps: {args.steps} (expected a positive integer)")
     try: out = check_out(args.out)
     except ValueError as e: _fail('trajectories', str(e))
+    from fastopt.experiments import plot_trajectories
     plot_trajectories(args.fn, steps=args.steps).savefig(out/f'trajectories-{args.fn}.png', dpi=80)
     print(f"written: {out/f'trajectories-{args.fn}.png'}")
 
@@ -132,8 +173,8 @@ def main(argv:list|None=None):
     parser.add_argument('--version', action='version', version=f'fastopt {fastopt.__version__}')
     sub = parser.add_subparsers(dest='command', required=True)
     cmp = sub.add_parser('compare', help='benchmark optimizers on real workloads and write a report')
-    cmp.add_argument('--workload', default=None, help=f"comma-separated workloads of {', '.join(workloads)} (default: digits,tabular, or only the CSV with --csv)")
-    cmp.add_argument('--opt', default=None, help=f"comma-separated optimizer names, or module:builder for one of your own, imported from the working directory and starting from its default lr (default: all of {', '.join(registry)})")
+    cmp.add_argument('--workload', default=None, help=f"comma-separated workloads of {', '.join(workload_names)} (default: digits,tabular, or only the CSV with --csv)")
+    cmp.add_argument('--opt', default=None, help=f"comma-separated optimizer names, or module:builder for one of your own, imported from the working directory and starting from its default lr (default: all of {', '.join(optimizer_names)})")
     cmp.add_argument('--baseline', default='fastai.Adam,fastai.SGD', help='comma-separated optimizers every other one is tested against, where they ran (default: fastai.Adam,fastai.SGD)')
     cmp.add_argument('--epochs', type=int, default=None, help="epochs of fit_one_cycle per run (default: each workload's: digits 5, text 4, tabular 10, csv 5)")
     cmp.add_argument('--lr', default=None, help="one learning rate for all, or 'auto' for lr_find (default: each optimizer's from the registry, or its builder's default lr)")
