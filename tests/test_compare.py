@@ -202,6 +202,7 @@ def NoDefaultLr(params, lr, fused=False): return fastopt.Adam(params, lr=lr, fus
 def Broken(params, lr=1e-2, fused=False): return fastopt.Adam(params, lr=lr, sqr_mom=2., fused=fused)
 def NotAnOptimizer(params, lr=1e-2): return 'not an optimizer'
 def NoLr(params, momentum=0.9): return None
+def EagerSGD(params, lr=1e-2): return fastopt.SGD(params, lr=lr, fused=False)
 settings = 3
 '''
 
@@ -308,3 +309,10 @@ def test_cli_refuses_a_bad_module_builder_in_one_line(my_opts, tmp_path, monkeyp
         code,_,err = run_cli([cmd, '--opt', spec, '--out', str(tmp_path/'out')])
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert calls == []
+
+def test_bench_times_a_module_builder(my_opts):
+    "A builder without `fused` is timed eagerly; its fused column is empty"
+    from fastopt.bench import bench
+    res = bench([f'{my_opts}:EagerSGD'], sets=[], shapes={'tiny': [(8, 4), (4,)]}, steps=2, eager_steps=2)
+    r = res.iloc[0]
+    assert r.optimizer == f'{my_opts}:EagerSGD' and math.isnan(r.fused_ms) and r.eager_ms > 0 and math.isnan(r.fastai_ms)
