@@ -13,8 +13,8 @@ import fastopt
 
 # %% auto #0
 __all__ = ['param_sets', 'bench_optimizers', 'resnet18_shapes', 'transformer_shapes', 'many_shapes', 'median_seconds',
-           'interleaved_ms', 'copy_bandwidth', 'make_params', 'state_tensors_per_param', 'bench', 'compile_seconds',
-           'compile_bench', 'end_to_end', 'peers_bench']
+           'interleaved_ms', 'copy_bandwidth', 'make_params', 'state_tensors_per_param', 'bench_builder', 'bench',
+           'compile_seconds', 'compile_bench', 'end_to_end', 'peers_bench']
 
 # %% ../nbs/95_bench.ipynb #a8db3721
 def resnet18_shapes() -> list:
@@ -80,6 +80,18 @@ bench_optimizers = ['Adam', 'AMSGrad', 'RAdam', 'SAdam', 'SRAdam', 'AdamGC', 'Du
 _fastai_names = {'Adam', 'RAdam', 'Lamb', 'SGD', 'RMSProp', 'QHAdam', 'Larc'}
 _kwargs = dict(SGD=dict(mom=0.9))
 
+def bench_builder(name:str):
+    "The builder timed as `name`: fastopt's, or 'module:builder' for one of your own (see `fastopt.registry.entry`)"
+    if ':' not in name: return getattr(fastopt, name)
+    from fastopt.registry import entry
+    return entry(name)['opt']
+
+def _fused_kw(builder, fused:bool) -> dict:
+    "{'fused': fused} when `builder` takes `fused`; a builder without it steps eagerly"
+    import inspect
+    try: return {'fused': fused} if 'fused' in inspect.signature(builder).parameters else {}
+    except (TypeError, ValueError): return {}
+
 def bench(
     names:list|None=None, # Optimizers to time (default `bench_optimizers`)
     sets:list|None=None, # Parameter sets from `param_sets` (default all)
@@ -100,14 +112,15 @@ def bench(
         for name in names or bench_optimizers:
             kw = _kwargs.get(name, {})
             ps = make_params(set_shapes)
-            opt = getattr(fastopt, name)(ps, lr=1e-3, fused=True, **kw)
+            make = bench_builder(name)
+            opt = make(ps, lr=1e-3, **_fused_kw(make, True), **kw)
             opt.step()
             start = time.perf_counter(); opt.step(); compile_s = time.perf_counter() - start
             fused_ms,torch_ms = interleaved_ms([opt.step, adamw.step], steps)
-            if not opt.fused: fused_ms = float('nan')
+            if not getattr(opt, 'fused', False): fused_ms = float('nan')
             n_state = state_tensors_per_param(opt, ps)
             ps = make_params(set_shapes)
-            opt = getattr(fastopt, name)(ps, lr=1e-3, fused=False, **kw)
+            opt = make(ps, lr=1e-3, **_fused_kw(make, False), **kw)
             opt.step()
             eager_ms = 1e3 * median_seconds(opt.step, eager_steps)
             fastai_ms = float('nan')
@@ -137,12 +150,13 @@ if name == 'one-op':
     f(x); print(json.dumps(dict(seconds=time.perf_counter() - start, fused=True)))
 else:
     import fastopt
-    from fastopt.bench import make_params, param_sets, _kwargs
+    from fastopt.bench import make_params, param_sets, _kwargs, bench_builder, _fused_kw
     ps = make_params(param_sets[set_name]())
-    opt = getattr(fastopt, name)(ps, lr=1e-3, fused=True, **_kwargs.get(name, {}))
+    make = bench_builder(name)
+    opt = make(ps, lr=1e-3, **_fused_kw(make, True), **_kwargs.get(name, {}))
     opt.step()
     start = time.perf_counter(); opt.step(); seconds = time.perf_counter() - start
-    print(json.dumps(dict(seconds=seconds, fused=bool(opt.fused))))
+    print(json.dumps(dict(seconds=seconds, fused=bool(getattr(opt, 'fused', False)))))
 '''
 
 def compile_seconds(

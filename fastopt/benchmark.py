@@ -14,15 +14,16 @@ import matplotlib.pyplot as plt
 import torch
 from scipy import stats as _stats
 from fastai.callback.core import Callback, CancelFitException
-from .registry import registry, hypers_for, can_fuse
+from .registry import registry, entry, hypers_for, can_fuse, source
 from .outputs import check_out
 from .workloads import Workload, get_workload
 from .diagnostics import UpdateStats
 from .plots import plot_workload, plot_sensitivity, plot_profile, profile_ratios
 
 # %% auto #0
-__all__ = ['mean_ci', 'lr_grid', 'RunWatch', 'opt_func_for', 'run_one', 'Progress', 'summarize', 'fmt_metric', 'write_report',
-           'BenchmarkResult', 'benchmark', 'suggest_lr']
+__all__ = ['mean_ci', 'clip_interval', 'paired_test', 'holm', 'lr_grid', 'RunWatch', 'opt_func_for', 'run_one', 'Progress',
+           'summarize', 'fmt_metric', 'compare_baselines', 'write_report', 'BenchmarkResult', 'check_plan', 'benchmark',
+           'suggest_lr']
 
 # %% ../nbs/88_benchmark.ipynb #cdca7d5b
 def mean_ci(values, level:float=0.95) -> tuple:
@@ -33,6 +34,35 @@ def mean_ci(values, level:float=0.95) -> tuple:
     if n == 1: return float(v[0]),math.nan,math.nan,1
     s = float(v.std(ddof=1))
     return float(v.mean()),s,float(_stats.t.ppf(0.5 + level / 2, n - 1) * s / math.sqrt(n)),n
+
+# %% ../nbs/88_benchmark.ipynb #3d5f7b91
+def clip_interval(mean:float, half:float, bounds:tuple=(-math.inf, math.inf)) -> tuple:
+    "(low, high) of `mean` ± `half`, clipped to `bounds`"
+    return max(mean - half, bounds[0]),min(mean + half, bounds[1])
+
+# %% ../nbs/88_benchmark.ipynb #6a8ca0e4
+def paired_test(a:dict, b:dict, level:float=0.95) -> dict:
+    "Paired t-test of a − b over the keys (seeds) both have a finite value for: n, mean difference, its `level` interval (low, high) and the two-sided p"
+    keys = [k for k in a if k in b and np.isfinite(a[k]) and np.isfinite(b[k])]
+    d = np.array([a[k] - b[k] for k in keys], dtype=float)
+    n = len(d)
+    if n < 2: return dict(n=n, diff=float(d.mean()) if n else math.nan, low=math.nan, high=math.nan, p=math.nan)
+    m,s = float(d.mean()),float(d.std(ddof=1))
+    if s == 0: return dict(n=n, diff=m, low=m, high=m, p=1. if m == 0 else 0.)
+    half = float(_stats.t.ppf(0.5 + level / 2, n - 1) * s / math.sqrt(n))
+    return dict(n=n, diff=m, low=m - half, high=m + half, p=float(2 * _stats.t.sf(abs(m) / (s / math.sqrt(n)), n - 1)))
+
+def holm(p) -> np.ndarray:
+    "Holm's step-down adjustment of the p-values `p` (NaN stays NaN and does not count)"
+    p = np.asarray(p, dtype=float)
+    out = np.full(p.shape, math.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    m = len(ok)
+    if not m: return out
+    order = ok[np.argsort(p[ok], kind='stable')]
+    adj = np.minimum(1., np.maximum.accumulate(p[order] * (m - np.arange(m))))
+    out[order] = adj
+    return out
 
 # %% ../nbs/88_benchmark.ipynb #fe929049
 def lr_grid(lr:float, points:int=7, step:float=10**0.5) -> list:
@@ -50,6 +80,7 @@ class RunWatch(Callback):
 
     def before_fit(self):
         self.t0,self.eval_s,self.times,self.curve,self.first,self.diverged,self.steps = time.perf_counter(),0.,[],[],None,None,0
+        self.losses = []
 
     def before_validate(self): self._tv = time.perf_counter()
     def after_validate(self): self.eval_s += time.perf_counter() - self._tv
@@ -75,6 +106,8 @@ class RunWatch(Callback):
         vals = self.learn.recorder.values[-1] if self.learn.recorder.values else []
         i = list(names).index(self.metric) - 1 if self.metric in names else None   # names start with 'epoch'
         self.curve.append(float(vals[i]) if i is not None and i < len(vals) else math.nan)
+        j = list(names).index('valid_loss') - 1 if 'valid_loss' in names else None
+        self.losses.append(float(vals[j]) if j is not None and j < len(vals) else math.nan)
 
 # %% ../nbs/88_benchmark.ipynb #60039d62
 def opt_func_for(name:str, workload:Workload, fused:bool=False):
@@ -83,7 +116,7 @@ def opt_func_for(name:str, workload:Workload, fused:bool=False):
     if fused:
         if not can_fuse(name): raise ValueError(f"{name} cannot run fused (fastai's own optimizers have no fused path)")
         hypers['fused'] = True
-    return partial(registry[name]['opt'], **hypers),hypers
+    return partial(entry(name)['opt'], **hypers),hypers
 
 def run_one(
     workload:Workload, # What to train
@@ -110,19 +143,20 @@ def run_one(
             def compile_note(dt): note(f"compiling the fused {name} step ({workload.name}, seed {seed}; can take a minute)..." if dt is None
                                        else f"compiled {name}: its first fused step took {dt:.1f} s")
         watch = RunWatch(workload.metric, compile_note=compile_note)
-        entry = registry[name]
-        learn = workload.learner(opt_func, seed=seed, cbs=[watch] + [c() for c in entry.get('cbs', [])] + list(cbs or []), path=path)
-        with learn.no_bar(), learn.no_logging(): getattr(learn, entry.get('fit', 'fit_one_cycle'))(epochs, lr)
+        e = entry(name)
+        learn = workload.learner(opt_func, seed=seed, cbs=[watch] + [c() for c in e.get('cbs', [])] + list(cbs or []), path=path)
+        with learn.no_bar(), learn.no_logging(): getattr(learn, e.get('fit', 'fit_one_cycle'))(epochs, lr)
         final = watch.curve[-1] if watch.curve else math.nan
         status = 'diverged' if watch.diverged or not math.isfinite(final) else 'ok'
         msg = watch.diverged or ('' if status == 'ok' else f'held-out {workload.metric} is {final}')
     except Exception as e:
         status,msg,final = 'error',f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}',math.nan
-    curve,times = (watch.curve,watch.times) if watch else ([],[])
+    curve,times,losses = (watch.curve,watch.times,watch.losses) if watch else ([],[],[])
     ttt = next((t for v,t in zip(curve, times) if workload.reached(v)), math.nan)
-    row.update(status=status, metric=final if status == 'ok' else math.nan, time_to_target=ttt,
+    row.update(status=status, metric=final if status == 'ok' else math.nan,
+               valid_loss=losses[-1] if status == 'ok' and losses else math.nan, time_to_target=ttt,
                seconds=time.perf_counter() - start, train_seconds=times[-1] if times else math.nan,
-               curve=' '.join(f'{v:.6g}' for v in curve), times=' '.join(f'{t:.4g}' for t in times), note=msg)
+               curve=' '.join(f'{v:.6g}' for v in curve), loss_curve=' '.join(f'{v:.6g}' for v in losses), times=' '.join(f'{t:.4g}' for t in times), note=msg)
     return row
 
 # %% ../nbs/88_benchmark.ipynb #720b5072
@@ -182,10 +216,12 @@ def summarize(runs:pd.DataFrame, workload:Workload, order:list|None=None) -> pd.
         d = rs[rs.optimizer == name]
         if not len(d): continue
         m,s,ci,n = mean_ci(d.metric[d.status == 'ok'].astype(float))
+        lo,hi = clip_interval(m, ci, workload.bounds) if n > 1 else (math.nan, math.nan)
+        lm,ls,lci,ln = mean_ci(d.valid_loss[d.status == 'ok'].astype(float)) if 'valid_loss' in d else (math.nan, math.nan, math.nan, 0)
         t = np.array([_time_to(workload, c, ts) for c,ts in zip(d.curve, d.times)])
         sw = runs[(runs.workload == workload.name) & (runs.phase == 'sweep') & (runs.optimizer == name)]
         rows.append(dict(workload=workload.name, optimizer=name, lr=float(d.lr.iloc[0]), hypers=d.hypers.iloc[0] if 'hypers' in d else '',
-                         n=n, mean=m, std=s, ci95=ci, diverged=int((d.status == 'diverged').sum()), errors=int((d.status == 'error').sum()),
+                         n=n, mean=m, std=s, ci95=ci, ci_low=lo, ci_high=hi, loss_mean=lm, loss_std=ls, loss_ci95=lci, diverged=int((d.status == 'diverged').sum()), errors=int((d.status == 'error').sum()),
                          time_to_target=float(np.median(t)) if workload.target is not None and len(t) else math.nan,
                          epochs_to_target=float(np.median([_epochs_to(workload, c) for c in d.curve])) if workload.target is not None and len(t) else math.nan,
                          reached=int(np.isfinite(t).sum()) if workload.target is not None else 0, runs=len(d),
@@ -199,14 +235,58 @@ def summarize(runs:pd.DataFrame, workload:Workload, order:list|None=None) -> pd.
     return res
 
 # %% ../nbs/88_benchmark.ipynb #ab744032
-def fmt_metric(mean:float, ci:float, n:int, unit:str='') -> str:
-    "'98.61% ± 0.39 (n=3)', or '98.61% (n=1, no CI)'"
+def fmt_metric(mean:float, ci:float, n:int, unit:str='', bounds:tuple=(-math.inf, math.inf), std:float|None=None) -> str:
+    "'98.61% ± 0.39 (n=5)', '99.72% (CI 99.31–100.00, n=3)', '98.00% (n=1, no CI)' or '97.50% (n=3, every seed the same)'"
     if n == 0 or not math.isfinite(mean): return 'no finished run'
     sc,suffix = (100, '%') if unit == '%' else (1, '')
     digits = 2 if unit == '%' else max(0, 3 - int(math.floor(math.log10(abs(mean) + 1e-300))))
-    m = f'{sc * mean:.{digits}f}{suffix}'
-    if n == 1: return f'{m} (n=1, no CI)'
-    return f'{m} ± {sc * ci:.{digits}f} (n={n})'
+    f = lambda v: f'{sc * v:.{digits}f}'
+    m = f(mean) + suffix
+    if n == 1 or not math.isfinite(ci): return f'{m} (n={n}, no CI)'
+    if std == 0 or ci == 0: return f'{m} (n={n}, every seed the same)'
+    few = ', fewer than 3 seeds' if n < 3 else ''
+    lo,hi = clip_interval(mean, ci, bounds)
+    if (lo, hi) != (mean - ci, mean + ci): return f'{m} (CI {f(lo)}–{f(hi)}, n={n}{few})'
+    half = f'{sc * ci:.{digits}f}'
+    if float(half) == 0: half = f'{sc * ci:.2g}'
+    return f'{m} ± {half} (n={n}{few})'
+
+# %% ../nbs/88_benchmark.ipynb #a0e2c4d8
+def compare_baselines(
+    runs:pd.DataFrame, # `runs.csv`'s rows
+    workload:Workload, # The workload whose final runs are compared
+    baselines:list=('fastai.Adam', 'fastai.SGD'), # The optimizers every other one is tested against, where they ran
+    order:list|None=None, # Optimizers in this order
+    level:float=0.05, # Family-wise error rate of the workload's tests
+) -> pd.DataFrame:
+    "Every optimizer against every baseline on `workload`: paired t-tests over the shared seeds, Holm-adjusted over the workload, a verdict"
+    rs = runs[(runs.workload == workload.name) & (runs.phase == 'final')]
+    names = [n for n in (order or list(dict.fromkeys(rs.optimizer))) if n in set(rs.optimizer)]
+    measures = [(workload.metric.replace('_', ' '), 'metric', workload.higher_is_better, workload.unit)]
+    if workload.compare_loss and 'valid_loss' in rs: measures.append(('held-out loss', 'valid_loss', False, ''))
+    def values(name, col):
+        d = rs[rs.optimizer == name]
+        return {int(s): float(v) if st == 'ok' else math.nan for s,v,st in zip(d.seed, d[col], d.status)}
+    rows = []
+    for b in [b for b in baselines if b in names]:
+        for name in names:
+            if name == b: continue
+            for label,col,hib,unit in measures:
+                rows.append(dict(workload=workload.name, optimizer=name, baseline=b, measure=label, unit=unit, higher_is_better=hib,
+                                 **paired_test(values(name, col), values(b, col))))
+    df = pd.DataFrame(rows, columns=['workload', 'optimizer', 'baseline', 'measure', 'unit', 'higher_is_better', 'n', 'diff', 'low', 'high', 'p'])
+    df['p_holm'] = holm(df.p) if len(df) else []
+    better = np.where(df.higher_is_better.astype(bool), df['diff'] > 0, df['diff'] < 0)
+    df['verdict'] = np.where(df.n < 2, 'not tested (fewer than 2 finished seeds)',
+                             np.where(df.p_holm < level, np.where(better, 'better', 'worse'), 'no detectable difference'))
+    return df
+
+def _fmt_diff(r) -> str:
+    "'better: −0.0123 (−0.0201 to −0.0045)' for one row of `compare_baselines`"
+    f = (lambda v: f'{100 * v:+.2f}') if r.unit == '%' else (lambda v: f'{v:+.3g}')
+    if r.n < 2: return 'not tested'
+    word = {'better': '**better**', 'worse': '**worse**'}.get(r.verdict, 'no difference')
+    return f"{word} {f(r['diff'])}{' pts' if r.unit == '%' else ''} ({f(r.low)} to {f(r.high)})".replace('-', '−')
 
 # %% ../nbs/88_benchmark.ipynb #db7ef715
 def _md_table(df:pd.DataFrame) -> str:
@@ -216,40 +296,72 @@ def _md_table(df:pd.DataFrame) -> str:
 
 def _fmt_s(t): return '–' if not np.isfinite(t) else f'{t:.1f}'
 
-def write_report(runs:pd.DataFrame, workloads:list, out:str|Path, order:list|None=None, settings:str='') -> pd.DataFrame:
-    "Write summary.csv, report.md and the PNGs into `out` from `runs`; return the summary"
+def _baseline_section(tests:pd.DataFrame, order:list) -> list:
+    "The markdown of one workload's paired tests: a line of counts and a table, optimizer by (baseline, measure)"
+    if not len(tests): return []
+    cols = list(dict.fromkeys(zip(tests.baseline, tests.measure)))
+    tab = pd.DataFrame({'optimizer': [n for n in order if n in set(tests.optimizer)]})
+    for b,m in cols:
+        t = tests[(tests.baseline == b) & (tests.measure == m)].set_index('optimizer')
+        tab[f'vs {b}: {m}'] = ['(baseline)' if n == b else _fmt_diff(t.loc[n]) if n in t.index else '' for n in tab.optimizer]
+    tested = tests[tests.n >= 2]
+    nb_,nw = int((tested.verdict == 'better').sum()),int((tested.verdict == 'worse').sum())
+    return ['### Against the baselines', '',
+            f"Paired over the shared seeds (mean difference, its 95% interval); **better** or **worse** where Holm's adjusted p < 0.05 over this workload's {len(tested)} tests. "
+            f"Resolved: {nb_ + nw} of {len(tested)} ({nb_} better, {nw} worse); the other {len(tested) - nb_ - nw} show no detectable difference at this number of seeds.", '',
+            _md_table(tab), '']
+
+def write_report(
+    runs:pd.DataFrame, # `runs.csv`'s rows
+    workloads:list, # The `Workload`s they ran on
+    out:str|Path, # Output folder
+    order:list|None=None, # Optimizers in this order
+    settings:str='', # A line for the top of report.md
+    baselines:list=('fastai.Adam', 'fastai.SGD'), # Tested against every other optimizer, where they ran
+    sources:dict|None=None, # {optimizer: where it came from}; default: `source`
+) -> pd.DataFrame:
+    "Write summary.csv, pairwise.csv, report.md and the PNGs into `out` from `runs`; return the summary"
     out = Path(out)
     order = order or list(dict.fromkeys(list(registry) + list(runs.optimizer)))
-    sums,md,times = [],['# fastopt compare', ''],{}
+    sums,tests,md,epochs = [],[],['# fastopt compare', ''],{}
     if settings: md += [settings, '']
     for w in workloads:
         wr = runs[runs.workload == w.name]
         if not len(wr): continue
         s = summarize(runs, w, [n for n in order if n in set(wr.optimizer)])
-        sums.append(s)
         md += [f'## {w.name}', '', w.about + '.', '']
+        if not len(s):
+            md += ['No final runs: no point of the learning-rate sweep finished.', ''] + [f'- {r.optimizer} lr={r.lr:.3g} seed {r.seed} ({r.phase}): {r.status}: {r.note}' for r in wr.itertuples()] + ['']
+            continue
+        sums.append(s)
         metric = w.metric.replace('_', ' ')
         line = f"Metric: held-out {metric} ({'higher' if w.higher_is_better else 'lower'} is better)"
+        if w.compare_loss: line += ', with the held-out loss beside it (it does not move in steps)'
         if w.baseline is not None: line += f"; a trivial predictor scores {fmt_metric(w.baseline, math.nan, 1, w.unit).split(' (')[0]}"
-        if w.target is not None: line += f"; time to target: wall-clock training seconds until {metric} {'≥' if w.higher_is_better else '≤'} {fmt_metric(w.target, math.nan, 1, w.unit).split(' (')[0]}"
+        if w.target is not None: line += f"; target: {metric} {'≥' if w.higher_is_better else '≤'} {fmt_metric(w.target, math.nan, 1, w.unit).split(' (')[0]}"
         md += [line + '.', '']
         tab = pd.DataFrame({'optimizer': s.optimizer, 'lr': [f'{v:.3g}' + (' (edge)' if e else '') for v,e in zip(s.lr, s.grid_edge)], 'other hypers': [h if isinstance(h, str) else '' for h in s.hypers],
-                            f'{metric} (mean ± 95% CI)': [fmt_metric(a, b, c, w.unit) for a,b,c in zip(s['mean'], s.ci95, s.n)]})
+                            f'{metric} (mean, 95% CI)': [fmt_metric(a, b, c, w.unit, w.bounds, d) for a,b,c,d in zip(s['mean'], s.ci95, s.n, s['std'])]})
+        if w.compare_loss: tab['held-out loss (mean, 95% CI)'] = [fmt_metric(a, b, c, '', (0., math.inf), d) for a,b,c,d in zip(s.loss_mean, s.loss_ci95, s.n, s.loss_std)]
         if w.target is not None:
-            tab['time to target s (median)'] = [_fmt_s(t) for t in s.time_to_target]
-            tab['epochs to target'] = ['–' if not np.isfinite(e) else f'{e:g}' for e in s.epochs_to_target]
+            tab['epochs to target (median)'] = ['–' if not np.isfinite(e) else f'{e:g}' for e in s.epochs_to_target]
             tab['reached'] = [f'{a}/{b}' for a,b in zip(s.reached, s.runs)]
-            times[w.name] = s.set_index('optimizer').time_to_target
+            tab['seconds to target (median)'] = [_fmt_s(t) for t in s.time_to_target]
+            epochs[w.name] = s.set_index('optimizer').epochs_to_target
         tab['diverged'] = [f'{a}/{b}' + (f' ({e} errors)' if e else '') for a,b,e in zip(s.diverged, s.runs, s.errors)]
         if s.sweep_points.sum(): tab['sweep: diverged'] = [f'{a}/{b}' for a,b in zip(s.sweep_diverged, s.sweep_points)]
         tab['s per run'] = [f'{v:.1f}' for v in s.seconds_per_run]
         md += [_md_table(tab), '']
         if s.grid_edge.any(): md += [f"(edge): the best learning rate of the sweep was its smallest or largest; a wider grid around it may find a better one ({int(s.grid_edge.sum())} of {len(s)}).", '']
-        fig = plot_workload(s, wr, metric, w.unit, w.target, title=w.name, order=order)
+        if (s.n.between(1, 2)).any(): md += [f"{int(s.n.between(1, 2).sum())} optimizer(s) finished fewer than 3 seeds: their intervals are rough or missing.", '']
+        t = compare_baselines(runs, w, baselines, order)
+        tests.append(t)
+        md += _baseline_section(t, order) if len(t) else [f"No baseline ({', '.join(baselines)}) ran on {w.name}: no paired tests.", '']
+        fig = plot_workload(s, wr, metric, w.unit, w.target, title=w.name, order=order, bounds=w.bounds)
         fig.savefig(out/f'compare-{w.name}.png', dpi=80); plt.close(fig)
         md += [f'![{w.name}](compare-{w.name}.png)', '']
         if (wr.phase == 'sweep').any():
-            fig = plot_sensitivity(wr, metric, w.unit, w.higher_is_better, title=f'{w.name}: learning-rate sensitivity (seed 0; x: diverged)', order=order)
+            fig = plot_sensitivity(wr, metric, w.unit, w.higher_is_better, title=f'{w.name}: learning-rate sensitivity (seed 0; x: diverged, v: off the scale)', order=order, worst=w.baseline)
             fig.savefig(out/f'sensitivity-{w.name}.png', dpi=80); plt.close(fig)
             md += [f'![{w.name} sensitivity](sensitivity-{w.name}.png)', '']
         bad = wr[wr.status != 'ok']
@@ -257,16 +369,25 @@ def write_report(runs:pd.DataFrame, workloads:list, out:str|Path, order:list|Non
             md += ['Runs that did not finish:', ''] + [f'- {r.optimizer} lr={r.lr:.3g} seed {r.seed} ({r.phase}): {r.status}: {r.note}' for r in bad.itertuples()] + ['']
     summary = pd.concat(sums, ignore_index=True) if sums else pd.DataFrame()
     summary.to_csv(out/'summary.csv', index=False)
-    tt = pd.DataFrame(times).dropna(axis=0)   # NaN: not run on that workload (inf: ran, missed the target)
-    if len(tt.columns) and np.isfinite(tt.to_numpy(dtype=float)).any():
-        ratios = profile_ratios(tt).dropna(axis=1, how='all')
+    (pd.concat(tests, ignore_index=True) if tests else pd.DataFrame()).to_csv(out/'pairwise.csv', index=False)
+    ee = pd.DataFrame(epochs).dropna(axis=0)   # NaN: not run on that workload (inf: ran, missed the target)
+    md += ['## Performance profile', '']
+    reached = int(np.isfinite(ee.to_numpy(dtype=float)).any(axis=0).sum()) if ee.size else 0
+    if reached >= 2:
+        ratios = profile_ratios(ee).dropna(axis=1, how='all')
         ratios.to_csv(out/'profile.csv', index_label='optimizer')
-        fig = plot_profile(ratios, order=[n for n in order if n in ratios.index]); fig.savefig(out/'profile.png', dpi=80); plt.close(fig)
-        md += ['## Performance profile', '', f"Over {ratios.shape[1]} workload(s) with a target ({', '.join(ratios.columns)}), for the optimizers run on all of them: the fraction of workloads on which each optimizer reached the target within a factor τ of the fastest one's time (Dolan & Moré 2002, as in AlgoPerf).", '',
+        fig = plot_profile(ratios, order=[n for n in order if n in ratios.index], measure='epochs to target')
+        fig.savefig(out/'profile.png', dpi=80); plt.close(fig)
+        md += [f"Over {ratios.shape[1]} workloads with a target ({', '.join(ratios.columns)}), for the optimizers run on all of them: the fraction of workloads on which each optimizer reached the target within a factor τ of the fewest epochs any needed (Dolan & Moré 2002, as in AlgoPerf, on epochs instead of seconds so that the load of the machine does not rank the optimizers).", '',
                '![profile](profile.png)', '']
-    md += ['## Protocol', '', 'Each run: `fit_one_cycle(epochs, lr)` (`fit` for Schedule-Free, which needs no schedule) from a seeded initialization and batch order; the metric is measured on held-out data after every epoch. '
-           'Mean and 95% confidence interval over the final seeds use the sample standard deviation and the t-distribution; n=1 has no interval. '
-           'Time to target is wall-clock training time (validation excluded, a fused compile included), the median over the final seeds, a run that missed counting as never. '
+    else: md += [f"Not drawn: a profile needs two or more workloads with a target that some optimizer reached, and this run has {reached}; over one it says nothing the table does not.", '']
+    names = [n for n in order if n in set(runs.optimizer)]
+    src = {n: (sources or {}).get(n) or source(n) for n in names}
+    md += ['## The optimizers', ''] + [f'- {n}: {src[n]}' for n in names] + ['']
+    md += ['## Protocol', '', 'Each run: `fit_one_cycle(epochs, lr)` (`fit` for Schedule-Free, which needs no schedule) from a seeded initialization and batch order, the same seeds for every optimizer; the metric and the held-out loss are measured on held-out data after every epoch. '
+           'Mean and 95% confidence interval over the final seeds use the sample standard deviation and the t-distribution, clipped to the metric\'s range; n=1 has no interval. '
+           'Each optimizer is compared with each baseline by a paired t-test over the seeds both finished, with Holm\'s adjustment over each workload\'s tests. '
+           'Epochs to target: the first epoch whose held-out metric reached the target, the median over the final seeds, a run that missed counting as never; the performance profile uses it. Seconds to target are wall-clock training time (validation excluded, a fused compile included) and depend on the load of the machine. '
            'A run is diverged when its training loss is non-finite or exceeds 10x its first value. With a sweep, the learning rate is chosen on seed 0 and the reported seeds are 1 to K. '
            'Every run is one row of `runs.csv`.', '']
     (out/'report.md').write_text('\n'.join(md))
@@ -275,11 +396,12 @@ def write_report(runs:pd.DataFrame, workloads:list, out:str|Path, order:list|Non
 # %% ../nbs/88_benchmark.ipynb #7408682c
 @dataclass
 class BenchmarkResult:
-    "What `benchmark` returns: the summary table, every run, the output folder, and whether it was interrupted"
+    "What `benchmark` returns: the summary table, every run, the output folder, whether it was interrupted, and the paired tests against the baselines"
     summary:pd.DataFrame
     runs:pd.DataFrame
     out:Path
     interrupted:bool=False
+    tests:pd.DataFrame=field(default_factory=pd.DataFrame)
 
 _keycols = ['workload', 'optimizer', 'lr', 'seed', 'epochs', 'fused']
 def _key(workload, name, lr, seed, epochs, fused): return (workload, name, f'{float(lr):.6g}', int(seed), int(epochs), bool(fused))
@@ -287,12 +409,33 @@ def _key(workload, name, lr, seed, epochs, fused): return (workload, name, f'{fl
 def _check_int(name, v, lo=1):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo: raise ValueError(f"Invalid {name}: {v!r} (expected an integer >= {lo})")
 
+def check_plan(
+    workloads:list, # `Workload`s
+    names:list, # Optimizer names: in `registry`, or 'module:builder'
+    lr:float|str|None=None, # As `benchmark`'s
+    fused:bool=False, # As `benchmark`'s
+):
+    "Check every optimizer × workload pair before anything trains: its hypers, a usable starting lr, and a builder that builds an optimizer with them; one `ValueError` listing every problem"
+    problems = []
+    for w in workloads:
+        for n in names:
+            try:
+                start = hypers_for(n, w.hypers).get('lr') if lr is None else lr
+                if start != 'auto' and not (isinstance(start, (int, float)) and not isinstance(start, bool) and 0 < start < math.inf):
+                    raise ValueError(f"{n} has no usable lr for workload {w.name!r} ({start!r}): give its builder a default lr, or pass --lr")
+                opt_func,_ = opt_func_for(n, w, fused and can_fuse(n))
+                o = opt_func([torch.nn.Parameter(torch.zeros(2, 2))], lr=1e-3 if start == 'auto' else start)
+                if not callable(getattr(o, 'step', None)): raise ValueError(f"{n} built a {type(o).__name__}, which has no step(): not an optimizer builder")
+            except ValueError as e: problems.append(str(e))
+            except Exception as e: problems.append(f"{n} on {w.name}: building it raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if problems: raise ValueError('; '.join(dict.fromkeys(problems)) + ' (nothing was trained)')
+
 def benchmark(
-    workloads:list=('digits',), # Workload names or `Workload` objects
-    names:list|None=None, # Optimizer names from `registry`; None: all
+    workloads:list=('digits', 'tabular'), # Workload names or `Workload` objects
+    names:list|None=None, # Optimizer names: in `registry`, or 'module:builder' for one of your own; None: all of `registry`
     epochs:int|None=None, # Epochs per run; None: each workload's default
     lr:float|str|None=None, # None: each optimizer's registry lr; a number for all; 'auto': fastai's lr_find
-    seeds:int=3, # Final runs per optimizer and workload
+    seeds:int=5, # Final runs per optimizer and workload, the same seeds for each
     sweep:bool=False, # Sweep a learning-rate grid on seed 0 first, then rerun the best on seeds 1..seeds
     grid:int=7, # Points of the sweep, half a decade apart, centred on the starting lr
     fused:bool=False, # Run fastopt's optimizers fused
@@ -302,12 +445,12 @@ def benchmark(
     progress:bool=True, # The overall progress bar and messages
     settings:str='', # A line for the top of report.md
     threads:int|None=None, # torch CPU threads (`torch.set_num_threads`); None: leave as is
+    baselines:list=('fastai.Adam', 'fastai.SGD'), # Every other optimizer is tested against these, where they ran
 ) -> BenchmarkResult:
     "Run the benchmark; write runs.csv as it goes and the report at the end (also when interrupted)"
     names = list(registry) if names is None else list(names)
     if not names: raise ValueError(f"No optimizer given (known: {', '.join(registry)})")
-    for n in names:
-        if n not in registry: raise ValueError(f"Unknown optimizer: {n!r} (known: {', '.join(registry)})")
+    for n in names: entry(n)   # an unknown name, or a module:builder that cannot be imported or is no builder, stops here
     if len(set(names)) < len(names): raise ValueError(f"An optimizer is named twice: {', '.join(names)}")
     if epochs is not None: _check_int('epochs', epochs)
     _check_int('seeds', seeds)
@@ -320,6 +463,7 @@ def benchmark(
     if threads is not None: torch.set_num_threads(threads)
     wls = [get_workload(w) if isinstance(w, str) else w for w in workloads]
     if not wls: raise ValueError("No workload given")
+    check_plan(wls, names, lr, fused)
     runs_csv = out/'runs.csv'
     done,rows = {},[]
     if resume and runs_csv.exists() and runs_csv.stat().st_size:
@@ -382,20 +526,22 @@ def benchmark(
         bar.message(f"interrupted: {len(rows)} finished runs are in {runs_csv}; run again with resume (--resume) to continue")
     finally: bar.close()
     runs = pd.DataFrame(used).reindex(columns=list(_columns))
-    order = [n for n in list(registry) if n in names]
+    order = [n for n in list(registry) if n in names] + [n for n in names if n not in registry]
     settings = (settings + ' ' if settings else '') + f'torch threads: {torch.get_num_threads()}.'
-    summary = write_report(runs, wls, out, order=order, settings=settings) if len(runs) else pd.DataFrame()
-    return BenchmarkResult(summary, runs, out, interrupted)
+    summary = write_report(runs, wls, out, order=order, settings=settings, baselines=baselines) if len(runs) else pd.DataFrame()
+    pw = out/'pairwise.csv'
+    tests = pd.read_csv(pw) if len(runs) and pw.exists() and pw.stat().st_size > 1 else pd.DataFrame()
+    return BenchmarkResult(summary, runs, out, interrupted, tests)
 
-_columns = dict.fromkeys(['workload', 'optimizer', 'phase', 'lr', 'seed', 'epochs', 'fused', 'hypers', 'status', 'metric', 'time_to_target',
-                          'seconds', 'train_seconds', 'curve', 'times', 'note'])
+_columns = dict.fromkeys(['workload', 'optimizer', 'phase', 'lr', 'seed', 'epochs', 'fused', 'hypers', 'status', 'metric', 'valid_loss', 'time_to_target',
+                          'seconds', 'train_seconds', 'curve', 'loss_curve', 'times', 'note'])
 
 # %% ../nbs/88_benchmark.ipynb #ed2a668f
 def suggest_lr(workload:Workload, name:str, fused:bool=False, path='.') -> tuple:
     "fastai's lr_find valley for `name` on `workload` (seed 0): (lr or NaN, message)"
     try:
         opt_func,_ = opt_func_for(name, workload, fused)
-        learn = workload.learner(opt_func, seed=0, cbs=[c() for c in registry[name].get('cbs', [])], path=path)
+        learn = workload.learner(opt_func, seed=0, cbs=[c() for c in entry(name).get('cbs', [])], path=path)
         with learn.no_bar(), learn.no_logging(): lr = float(learn.lr_find(show_plot=False).valley)
     except Exception as e: return math.nan,f"lr_find failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not (math.isfinite(lr) and lr > 0): return math.nan,f"lr_find suggested {lr}, not a usable learning rate"

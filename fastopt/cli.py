@@ -4,7 +4,7 @@
 
 # %% ../nbs/90_cli.ipynb #9f3e0522
 from __future__ import annotations
-import argparse, math, sys
+import argparse, math, os, sys
 from pathlib import Path
 import fastopt
 from .outputs import check_out
@@ -41,7 +41,9 @@ def check_optimizers(
     if known is None:
         reg = sys.modules.get('fastopt.registry')   # imported before `main` was called: it may hold optimizers a user registered
         known = optimizer_names if reg is None else tuple(reg.registry)
-    return check_names(names, known, 'optimizer')
+    for n in names:   # module:builder names are a user's own: imported, and checked, once torch may be
+        if ':' not in n and n not in known: raise ValueError(f"Unknown optimizer: {n!r} (known: {', '.join(known)}; or module:builder for one of your own)")
+    return names
 
 # %% ../nbs/90_cli.ipynb #8b5b1538
 def _names(s:str|None, what:str) -> list|None:
@@ -58,23 +60,24 @@ def format_summary(summary, wl) -> str:
     "One workload's summary as aligned text"
     from fastopt.benchmark import fmt_metric
     s = summary[summary.workload == wl.name]
-    rows = [(r.optimizer, f'{r.lr:.3g}', fmt_metric(r['mean'], r.ci95, r.n, wl.unit),
-             ('–' if not math.isfinite(r.time_to_target) else f'{r.time_to_target:.1f}') if wl.target is not None else '',
+    rows = [(r.optimizer, f'{r.lr:.3g}', fmt_metric(r['mean'], r.ci95, r.n, wl.unit, wl.bounds, r['std']),
+             ('–' if not math.isfinite(r.epochs_to_target) else f'{r.epochs_to_target:g}') if wl.target is not None else '',
              f'{r.diverged}/{r.runs}') for _,r in s.iterrows()]
-    head = ('optimizer', 'lr', f'{wl.metric} (mean ± 95% CI)', 'time to target s' if wl.target is not None else '', 'diverged')
+    head = ('optimizer', 'lr', f'{wl.metric} (mean, 95% CI)', 'epochs to target' if wl.target is not None else '', 'diverged')
     w = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
     return '\n'.join('  '.join(str(x[i]).ljust(w[i]) for i in range(len(head))).rstrip() for x in [head] + rows)
 
 def _compare_args(args) -> tuple:
-    "The optimizer names, workload names and lr of `compare`'s `args`, checked without torch; a `ValueError` for the first mistake"
+    "The optimizer names, workload names, lr and baselines of `compare`'s `args`, checked without torch; a `ValueError` for the first mistake"
     names = _names(args.opt, 'optimizer')
-    wnames = _names(args.workload, 'workload') if args.workload is not None else ([] if args.csv else ['digits'])
+    wnames = _names(args.workload, 'workload') if args.workload is not None else ([] if args.csv else ['digits', 'tabular'])
     if (args.csv is None) != (args.target is None): raise ValueError("Give both --csv and --target, or neither")
     if args.task and not args.csv: raise ValueError("--task applies to --csv only")
     check_names(wnames, workload_names, 'workload')
     if names is not None:
         check_optimizers(names)
         if len(set(names)) < len(names): raise ValueError(f"An optimizer is named twice: {', '.join(names)}")
+    baselines = check_optimizers(_names(args.baseline, 'baseline'))
     lr = args.lr
     if lr not in (None, 'auto'):
         try: lr = float(lr)
@@ -85,24 +88,30 @@ def _compare_args(args) -> tuple:
         v = getattr(args, k)
         if v is not None and v < 1: raise ValueError(f"Invalid {k}: {v} (expected a positive integer)")
     check_out(args.out)
-    return names, wnames, lr
+    return names, wnames, lr, baselines
 
 def _compare(args):
-    try: names,wnames,lr = _compare_args(args)
+    try: names,wnames,lr,baselines = _compare_args(args)
     except ValueError as e: _fail('compare', str(e))
     from fastopt.workloads import get_workload, csv_workload   # torch and fastai from here on
     from fastopt.benchmark import benchmark
+    from fastopt.registry import entry
     try:
+        for n in (names or []) + baselines: entry(n)   # a module:builder that cannot be imported or is no builder stops here
         log = (lambda *a: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
         wls = [get_workload(w) for w in wnames]
         if args.csv: wls.append(csv_workload(args.csv, args.target, args.task, log=log))
         settings = (f"`fastopt compare {' '.join(args.argv)}`" if args.argv is not None else '')
+        if settings and any(':' in n for n in names or []): settings += f" run in `{os.getcwd()}` (where its modules are imported from)."
         res = benchmark(wls, names, epochs=args.epochs, lr=lr, seeds=args.seeds, sweep=args.sweep, grid=args.grid, fused=args.fused,
                         diagnostics=args.diagnostics, out=args.out, resume=args.resume, progress=not args.quiet, settings=settings,
-                        threads=args.threads)
+                        threads=args.threads, baselines=baselines)
     except ValueError as e: _fail('compare', str(e))
     for w in wls:
         if len(res.summary) and (res.summary.workload == w.name).any(): print(f"\n{w.name}: {w.about}\n{format_summary(res.summary, w)}")
+        t = res.tests[res.tests.workload == w.name] if len(res.tests) else res.tests
+        if len(t): print(f"against {', '.join(dict.fromkeys(t.baseline))} (paired over seeds, Holm-adjusted p < 0.05): "
+                         f"{(t.verdict == 'better').sum()} better, {(t.verdict == 'worse').sum()} worse, {(t.verdict == 'no detectable difference').sum()} no detectable difference")
     print(f"\nwritten: {Path(args.out)/'report.md'} (with runs.csv, summary.csv and the pictures)")
     if res.interrupted: raise SystemExit(130)
     return res
@@ -116,7 +125,11 @@ def _bench(parser, args):
         what = check_names(_names(args.what, 'benchmark'), bench_runs, '--what')
         out = check_out(args.out)
     except ValueError as e: _fail('bench', str(e))
-    from fastopt.bench import bench, compile_bench, end_to_end, peers_bench   # torch and fastai from here on
+    from fastopt.bench import bench, bench_builder, compile_bench, end_to_end, peers_bench   # torch and fastai from here on
+    try:
+        for n in names:
+            if ':' in n: bench_builder(n)   # your own, as module:builder: refused here if it cannot be imported or is no builder
+    except ValueError as e: _fail('bench', str(e))
     runs = dict(step=lambda: bench(names, sets, steps=args.steps, log=True), compile=lambda: compile_bench(names, sets, log=True),
                 e2e=lambda: end_to_end(log=True), peers=lambda: peers_bench(sets, steps=args.steps))
     for w in what:
@@ -160,11 +173,12 @@ def main(argv:list|None=None):
     parser.add_argument('--version', action='version', version=f'fastopt {fastopt.__version__}')
     sub = parser.add_subparsers(dest='command', required=True)
     cmp = sub.add_parser('compare', help='benchmark optimizers on real workloads and write a report')
-    cmp.add_argument('--workload', default=None, help=f"comma-separated workloads of {', '.join(workload_names)} (default: digits, or only the CSV with --csv)")
-    cmp.add_argument('--opt', default=None, help=f"comma-separated optimizer names (default: all of {', '.join(optimizer_names)})")
-    cmp.add_argument('--epochs', type=int, default=None, help="epochs of fit_one_cycle per run (default: each workload's: digits 5, text 4, tabular 20, csv 5)")
-    cmp.add_argument('--lr', default=None, help="one learning rate for all, or 'auto' for lr_find (default: each optimizer's from the registry)")
-    cmp.add_argument('--seeds', type=int, default=3, help='final runs per optimizer and workload, for the mean and 95%% CI (default: 3)')
+    cmp.add_argument('--workload', default=None, help=f"comma-separated workloads of {', '.join(workload_names)} (default: digits,tabular, or only the CSV with --csv)")
+    cmp.add_argument('--opt', default=None, help=f"comma-separated optimizer names, or module:builder for one of your own, imported from the working directory and starting from its default lr (default: all of {', '.join(optimizer_names)})")
+    cmp.add_argument('--baseline', default='fastai.Adam,fastai.SGD', help='comma-separated optimizers every other one is tested against, where they ran (default: fastai.Adam,fastai.SGD)')
+    cmp.add_argument('--epochs', type=int, default=None, help="epochs of fit_one_cycle per run (default: each workload's: digits 5, text 4, tabular 10, csv 5)")
+    cmp.add_argument('--lr', default=None, help="one learning rate for all, or 'auto' for lr_find (default: each optimizer's from the registry, or its builder's default lr)")
+    cmp.add_argument('--seeds', type=int, default=5, help='final runs per optimizer and workload, the same seeds for each, for the paired tests and the 95%% CIs (default: 5)')
     cmp.add_argument('--sweep', action='store_true', help='first sweep a log-spaced lr grid on seed 0, then rerun the best on seeds 1..SEEDS')
     cmp.add_argument('--grid', type=int, default=7, help='points of the sweep, half a decade apart around the starting lr (default: 7)')
     cmp.add_argument('--fused', action=argparse.BooleanOptionalAction, default=False, help="run fastopt's optimizers fused (default: no)")
@@ -177,7 +191,7 @@ def main(argv:list|None=None):
     cmp.add_argument('--threads', type=int, default=1, help="torch CPU threads per run (default: 1; the workloads are small, and one thread is much faster than two on a busy machine)")
     cmp.add_argument('--quiet', action='store_true', help='no progress bar or messages, only the final tables')
     bn = sub.add_parser('bench', help="time each optimizer's step, fused and eager, against fastai, torch and the memory floor")
-    bn.add_argument('--opt', default=None, help='comma-separated names (default: all fused-capable optimizers)')
+    bn.add_argument('--opt', default=None, help='comma-separated names, or module:builder for one of your own (default: all fused-capable optimizers)')
     bn.add_argument('--sets', default='resnet18,transformer', help='parameter sets (default: resnet18,transformer)')
     bn.add_argument('--steps', type=int, default=20, help='timed steps per fused optimizer (default: 20)')
     bn.add_argument('--what', default='step', help='comma-separated: step (bench.csv), compile (compile.csv: cold and warm, beside a one-op graph), e2e (e2e.csv: digits and resnet18-shaped runs, compile included), peers (peers.csv) (default: step)')

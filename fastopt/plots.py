@@ -32,7 +32,8 @@ def _curve(s) -> np.ndarray:
 
 def _scale(unit): return 100. if unit == '%' else 1.
 
-def plot_workload(summary:pd.DataFrame, runs:pd.DataFrame, metric:str, unit:str='', target:float|None=None, title:str='', order:list|None=None):
+def plot_workload(summary:pd.DataFrame, runs:pd.DataFrame, metric:str, unit:str='', target:float|None=None, title:str='', order:list|None=None,
+                  bounds:tuple=(-math.inf, math.inf)):
     "Per-epoch metric curves (mean over the final seeds) and final metric with 95% CI, one style per optimizer"
     order = order or list(summary.optimizer)
     st = styles(order)
@@ -52,7 +53,8 @@ def plot_workload(summary:pd.DataFrame, runs:pd.DataFrame, metric:str, unit:str=
     ok = summary[np.isfinite(summary['mean'])]
     for y,(_,r) in enumerate(ok.iterrows()):
         s = {k: v for k,v in st[r.optimizer].items() if k != 'linestyle'}
-        ax1.errorbar(sc * r['mean'], y, xerr=None if not np.isfinite(r.ci95) else sc * r.ci95, capsize=3, markersize=6, **s)
+        lo,hi = max(r['mean'] - r.ci95, bounds[0]),min(r['mean'] + r.ci95, bounds[1])   # clipped to the metric's range
+        ax1.errorbar(sc * r['mean'], y, xerr=None if not np.isfinite(r.ci95) else [[sc * (r['mean'] - lo)], [sc * (hi - r['mean'])]], capsize=3, markersize=6, **s)
     ax1.set_yticks(range(len(ok)), ok.optimizer)
     ax1.invert_yaxis()
     ax1.set(xlabel=f'final held-out {metric}' + (' (%)' if unit == '%' else ''), title='Final: mean and 95% CI over seeds')
@@ -65,26 +67,40 @@ def plot_workload(summary:pd.DataFrame, runs:pd.DataFrame, metric:str, unit:str=
     return fig
 
 # %% ../nbs/87_plots.ipynb #1184d4dd
-def plot_sensitivity(runs:pd.DataFrame, metric:str, unit:str='', higher_is_better:bool=True, title:str='', order:list|None=None):
-    "Final metric against learning rate for the sweep runs, diverged runs marked on the worst edge"
+def _off_scale(v:np.ndarray, higher_is_better:bool, worst:float|None) -> np.ndarray:
+    "Finite values too bad for the plot's scale: worse than `worst` (a trivial predictor), or beyond Tukey's outer fence (3 IQR) on the bad side"
+    bad = np.zeros(len(v), bool)
+    if worst is not None: bad |= (v < worst) if higher_is_better else (v > worst)
+    if (~bad).sum() >= 4:
+        q1,q3 = np.percentile(v[~bad], [25, 75])
+        bad |= (v < q1 - 3 * (q3 - q1)) if higher_is_better else (v > q3 + 3 * (q3 - q1))
+    return bad
+
+def plot_sensitivity(runs:pd.DataFrame, metric:str, unit:str='', higher_is_better:bool=True, title:str='', order:list|None=None, worst:float|None=None):
+    "Final metric against learning rate for the sweep runs; diverged runs (x) and finished ones too bad for the scale (v, see `_off_scale`) on the worst edge"
     sw = runs[runs.phase == 'sweep']
     order = order or list(dict.fromkeys(sw.optimizer))
     st = styles(order)
     sc = _scale(unit)
     fig,ax = plt.subplots(figsize=(8, 4.8))
-    fin = sw[(sw.status == 'ok') & np.isfinite(sw.metric.astype(float))]
-    if len(fin): lo,hi = sc * fin.metric.min(),sc * fin.metric.max()
+    good = ((sw.status == 'ok') & np.isfinite(sw.metric.astype(float))).to_numpy()
+    off = np.zeros(len(sw), bool)
+    off[good] = _off_scale(sw.metric.astype(float).to_numpy()[good], higher_is_better, worst)
+    shown = sw.metric.astype(float).to_numpy()[good & ~off]
+    if len(shown): lo,hi = sc * shown.min(),sc * shown.max()
     else: lo,hi = 0., 1.
     pad = 0.05 * (hi - lo or 1.)
     edge = lo - pad if higher_is_better else hi + pad
     for name in order:
-        d = sw[sw.optimizer == name].sort_values('lr')
-        if not len(d): continue
-        good = (d.status == 'ok') & np.isfinite(d.metric.astype(float))
-        ax.plot(d.lr[good], sc * d.metric[good].astype(float), label=name, markersize=5, **st[name])
-        if (~good).any(): ax.plot(d.lr[~good], [edge] * int((~good).sum()), 'x', color=st[name]['color'], markersize=7)
+        i = np.flatnonzero((sw.optimizer == name).to_numpy())
+        if not len(i): continue
+        i = i[np.argsort(sw.lr.to_numpy()[i], kind='stable')]
+        d,ok,o = sw.iloc[i],good[i] & ~off[i],off[i]
+        ax.plot(d.lr[ok], sc * d.metric[ok].astype(float), label=name, markersize=5, **st[name])
+        if (~good[i]).any(): ax.plot(d.lr[~good[i]], [edge] * int((~good[i]).sum()), 'x', color=st[name]['color'], markersize=7)
+        if o.any(): ax.plot(d.lr[o], [edge] * int(o.sum()), 'v', color=st[name]['color'], markersize=7, fillstyle='none')
     ax.set(xscale='log', xlabel='learning rate (peak of fit_one_cycle)', ylabel=f'final held-out {metric}' + (' (%)' if unit == '%' else ''),
-           title=title or 'Learning-rate sensitivity (x: diverged)')
+           title=title or 'Learning-rate sensitivity (x: diverged, v: off the scale)')
     if not higher_is_better: ax.invert_yaxis()
     ax.legend(fontsize='x-small', ncol=2 if len(order) > 8 else 1, loc='best')
     ax.grid(alpha=0.3)
@@ -98,7 +114,7 @@ def profile_ratios(times:pd.DataFrame) -> pd.DataFrame:
     best = t.min(0)
     return t.divide(best.where(np.isfinite(best)), axis=1)
 
-def plot_profile(ratios:pd.DataFrame, order:list|None=None, title:str=''):
+def plot_profile(ratios:pd.DataFrame, order:list|None=None, title:str='', measure:str='time to target'):
     "ρ(τ), the fraction of workloads on which each optimizer is within a factor τ of the fastest"
     ratios = ratios.dropna(axis=1, how='all')
     order = order or list(ratios.index)
@@ -113,7 +129,7 @@ def plot_profile(ratios:pd.DataFrame, order:list|None=None, title:str=''):
         rho = [(r <= t).sum() / n for t in taus] if n else [0.] * len(taus)
         s = st[name]
         ax.plot(taus, rho, drawstyle='steps-post', label=name, markevery=40, markersize=4, **s)
-    ax.set(xscale='log', xlabel='τ (time to target / fastest time to target)', ylabel='fraction of workloads within τ',
+    ax.set(xscale='log', xlabel=f'τ ({measure} / the fewest of any optimizer)', ylabel='fraction of workloads within τ',
            ylim=(-0.03, 1.03), title=title or f'Performance profile over {n} workload' + ('s' if n != 1 else ''))
     ax.legend(fontsize='x-small', ncol=2 if len(ratios) > 8 else 1, loc='lower right')
     ax.grid(alpha=0.3)

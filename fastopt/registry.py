@@ -4,13 +4,14 @@
 
 # %% ../nbs/85_registry.ipynb #f0fc4b01
 from __future__ import annotations
-import inspect
+import importlib, inspect, math, os, sys
+from pathlib import Path
 import fastai.optimizer
 import fastopt
 from .digits import digits_hypers
 
 # %% auto #0
-__all__ = ['optimizers', 'registry', 'hypers_for', 'can_fuse']
+__all__ = ['optimizers', 'registry', 'builder_entry', 'entry', 'hypers_for', 'can_fuse', 'source']
 
 # %% ../nbs/85_registry.ipynb #b18a5d99
 optimizers = {name: getattr(fastopt, name) for name in (
@@ -43,13 +44,64 @@ registry = {
 registry['ScheduleFreeAdamW'] |= dict(fit='fit', cbs=[fastopt.modern.ScheduleFreeCallback])
 
 # %% ../nbs/85_registry.ipynb #1cf6902e
+_builders = {}   # 'module:builder' -> its entry, made once
+
+def _import(module:str, spec:str):
+    "Import `module`, from the working directory first"
+    cwd = os.getcwd()
+    if cwd not in sys.path and '' not in sys.path: sys.path.insert(0, cwd)
+    try: return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module.split('.')[0] == e.name.split('.')[0] or e.name == module:
+            raise ValueError(f"Unknown optimizer {spec!r}: no module {module!r} in {cwd} or on the Python path") from None
+        raise ValueError(f"Importing {module!r} for {spec!r} failed: {type(e).__name__}: {e}") from None
+    except Exception as e: raise ValueError(f"Importing {module!r} for {spec!r} failed: {type(e).__name__}: {e}") from None
+
+def builder_entry(spec:str) -> dict:
+    "The registry entry of a user's optimizer named 'module:builder'; its `lr` is the builder's default (None if it has none)"
+    module,_,attr = spec.partition(':')
+    if not module or not attr or ':' in attr: raise ValueError(f"Invalid optimizer {spec!r} (expected a registered name or module:builder)")
+    mod = _import(module, spec)
+    f = mod
+    for part in attr.split('.'):
+        if not hasattr(f, part):
+            have = sorted(k for k,v in vars(mod).items() if callable(v) and not k.startswith('_') and getattr(v, '__module__', None) == mod.__name__)
+            raise ValueError(f"Unknown optimizer {spec!r}: module {module!r} ({getattr(mod, '__file__', '?')}) has no {attr!r}"
+                             + (f" (its functions and classes: {', '.join(have)})" if have else ''))
+        f = getattr(f, part)
+    if not callable(f): raise ValueError(f"{spec!r} is a {type(f).__name__}, not an optimizer builder (a function taking params and lr)")
+    try: sig = inspect.signature(f).parameters
+    except (TypeError, ValueError): sig = {}
+    if sig and 'lr' not in sig and not any(q.kind is inspect.Parameter.VAR_KEYWORD for q in sig.values()):
+        raise ValueError(f"{spec!r} takes no lr ({', '.join(sig)}): not an optimizer builder (a function taking params and lr)")
+    d = sig['lr'].default if 'lr' in sig else inspect.Parameter.empty
+    lr = float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) and 0 < d < math.inf else None
+    file = getattr(mod, '__file__', None)
+    return dict(opt=f, default={}, any=dict(lr=lr), source=f"{mod.__name__}.{attr}" + (f" ({file})" if file else '')
+                + (f", default lr {lr:g}" if lr is not None else ', no default lr'))
+
+def entry(name:str) -> dict:
+    "The registry entry of `name`: a name in `registry`, or 'module:builder'"
+    if name in registry: return registry[name]
+    if ':' in name:
+        if name not in _builders: _builders[name] = builder_entry(name)
+        return _builders[name]
+    raise ValueError(f"Unknown optimizer: {name!r} (known: {', '.join(registry)}; or module:builder for one of your own)")
+
 def hypers_for(name:str, workload:str) -> dict:
-    "The hypers `name` starts from on `workload` (with `lr`), from `registry`"
-    if name not in registry: raise ValueError(f"Unknown optimizer: {name!r} (known: {', '.join(registry)})")
-    e = registry[name]
-    if workload not in e: raise ValueError(f"{name} has no hypers for workload {workload!r} (has: {', '.join(k for k in e if k not in ('opt', 'default'))})")
-    return {**e.get('default', {}), **e[workload]}
+    "The hypers `name` starts from on `workload` (with `lr`), from `registry` or its builder's defaults"
+    e = entry(name)
+    if workload not in e and 'any' not in e: raise ValueError(f"{name} has no hypers for workload {workload!r} (has: {', '.join(k for k in e if k not in ('opt', 'default', 'fit', 'cbs', 'source'))})")
+    return {**e.get('default', {}), **e.get(workload, e.get('any', {}))}
 
 def can_fuse(name:str) -> bool:
     "Whether the builder registered as `name` takes `fused`"
-    return 'fused' in inspect.signature(registry[name]['opt']).parameters
+    try: return 'fused' in inspect.signature(entry(name)['opt']).parameters
+    except (TypeError, ValueError): return False
+
+def source(name:str) -> str:
+    "Where `name` comes from: fastopt's or fastai's builder, or a user's module"
+    e = entry(name)
+    if 'source' in e: return e['source']
+    f = e['opt']
+    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', getattr(f, '__name__', '?'))}"

@@ -4,18 +4,19 @@
 
 # %% ../nbs/10_testing.ipynb #09252642
 from __future__ import annotations
-import copy, dis, inspect, io, math, os, pickle, tempfile, time, traceback, warnings
+import copy, difflib, dis, inspect, io, math, os, pickle, re, tempfile, time, traceback, warnings
 from functools import partial
 from typing import Callable, Iterable
 import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['KIT_ROLES', 'NO_WD', 'DDP_WORLD', 'OptimizerCheckFailed', 'kit_params', 'kit_grads', 'check_hypers_validated',
-           'check_bool_options', 'check_fused_equals_eager', 'check_no_recompiles', 'check_resume_state_dict',
-           'check_copies', 'check_zero_grads', 'check_nan_contained', 'check_untouched_without_grad',
-           'check_state_kept', 'kit_learner', 'check_resume_learner', 'check_reference', 'distributed_equality',
-           'ddp_equality', 'check_ddp', 'check_fsdp', 'Check', 'optimizer_checks', 'CheckReport', 'check_optimizer']
+__all__ = ['KIT_ROLES', 'NO_WD', 'DDP_WORLD', 'OptimizerCheckFailed', 'kit_params', 'kit_grads', 'check_builds',
+           'check_hypers_validated', 'check_bool_options', 'check_fused_equals_eager', 'check_no_recompiles',
+           'check_resume_state_dict', 'check_copies', 'check_zero_grads', 'check_nan_contained',
+           'check_untouched_without_grad', 'check_state_kept', 'check_state_not_grad', 'kit_learner',
+           'check_resume_learner', 'check_reference', 'distributed_equality', 'ddp_equality', 'check_ddp', 'check_fsdp',
+           'Check', 'optimizer_checks', 'CheckReport', 'check_optimizer']
 
 # %% ../nbs/10_testing.ipynb #ec4c1923
 class OptimizerCheckFailed(AssertionError):
@@ -139,14 +140,55 @@ class _Session:
     def fail(self, check, detail): raise OptimizerCheckFailed(check, detail, self.name)
 
 def _steps(opt, params, grads, lr, base_mom, start=0):
-    "Step `opt` through `grads`, changing lr (and mom from `base_mom`, if any) every step as `fit_one_cycle` does"
+    "Step `opt` through `grads` as a `Learner` does (gradients accumulated into the same `p.grad`, zeroed in place after each step), changing lr (and mom from `base_mom`, if any) every step as `fit_one_cycle` does"
     flat = _flat(params)
     for t,gs in enumerate(grads, start):
         opt.set_hyper('lr', lr * (1 + 0.1 * (t % 3)))
         if base_mom is not None: opt.set_hyper('mom', base_mom * (1 - 0.02 * (t % 2)))
-        for p,g in zip(flat, gs): p.grad = None if g is None else g.clone()
+        for p,g in zip(flat, gs):
+            if g is None: p.grad = None
+            elif p.grad is None: p.grad = g.clone()
+            else: p.grad.add_(g)   # backward() adds into the gradient that zero_grad() zeroed
         opt.step()
+        for p in flat:
+            if p.grad is not None: p.grad.zero_()   # fastai's zero_grad: the same tensor, zeroed in place
     return opt
+
+# %% ../nbs/10_testing.ipynb #7c1d40aa
+def _close(name:str, names) -> str:
+    "' (did you mean 'x'?)' when `name` is close to one of `names`"
+    m = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.7)
+    return f" (did you mean {m[0]!r}?)" if m else ''
+
+def _missing(opt, e:TypeError) -> str:
+    "What a callback's 'missing ... argument' TypeError means: a hyper or state nobody provides, with the nearest name"
+    m = re.search(r"(\w+)\(\) missing \d+ required (?:positional|keyword-only) arguments?: (.+)", str(e))
+    if not m: return ''
+    fn, wanted = m.group(1), re.findall(r"'(\w+)'", m.group(2))
+    hypers = set(opt.hypers[0]) if getattr(opt, 'hypers', None) else set()
+    state = set().union(*(s.keys() for s in opt.state.values())) if getattr(opt, 'state', None) else set()
+    return ''.join(f"; {fn} needs {w!r}, which is neither a hyper ({', '.join(sorted(hypers)) or 'none'}) nor state a stat returned"
+                   f" ({', '.join(sorted(state - {'do_wd'})) or 'none'}){_close(w, hypers | state)}" for w in wanted)
+
+# %% ../nbs/10_testing.ipynb #8e2f51b3
+def check_builds(s:_Session) -> str:
+    "The builder makes an optimizer over the kit's parameters with the given options, and it takes two eager steps"
+    sig = _signature(s.opt_func)
+    takes_any = any(q.kind is inspect.Parameter.VAR_KEYWORD for q in sig.values())
+    for k in s.options:
+        if sig and not takes_any and k not in sig:
+            s.fail('builds', f"the builder takes no option {k!r}{_close(k, sig)} (it takes: {', '.join(q for q in sig if q != 'params')})")
+    params, opt = kit_params(s.dtype), None
+    try:
+        opt = s.build(params)
+        _steps(opt, params, kit_grads(params, 2), s.lr, opt.hypers[0].get('mom'))
+    except Exception as e:
+        where = 'building it' if opt is None else 'its first two steps'
+        hint = _missing(opt, e) if opt is not None and isinstance(e, TypeError) else ''
+        m = re.search(r"Invalid hyper: '(\w+)'", str(e))
+        if m and 'no stat or stepper' in str(e): hint = _close(m.group(1), sig)
+        s.fail('builds', f"{where} raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}")
+    return f"builds with {', '.join(f'{k}={v!r}' for k,v in s.options.items()) or 'its defaults'} and steps"
 
 # %% ../nbs/10_testing.ipynb #85816fd4
 def check_hypers_validated(s:_Session) -> str:
@@ -174,6 +216,24 @@ def _signature(opt_func) -> dict:
     try: return dict(inspect.signature(opt_func).parameters)
     except (TypeError, ValueError): return {}
 
+# %% ../nbs/10_testing.ipynb #d7f9b3a5
+_reduction = re.compile(r"\.(mean|sum|norm|std|var|amax|amin|max|min)\(\s*\)|torch\.(mean|sum|norm|std|var|linalg\.vector_norm|linalg\.norm)\(")
+
+def _reduction_hint(cbs) -> str:
+    "A hint naming the first whole-tensor reduction without `layout` in the source of `cbs`, or a general one"
+    for cb in cbs:
+        f = getattr(cb, 'func', cb)
+        try: lines, start = inspect.getsourcelines(f)
+        except (OSError, TypeError): continue
+        for j,line in enumerate(lines):
+            code = line.split('#')[0]
+            if _reduction.search(code) and 'layout' not in code:
+                return (f". {_name(cb)}, line {start + j}: `{line.strip()}` reduces over a whole tensor, but the fused step runs it on the group's "
+                        "flat buffer, where that is every tensor of the group at once: use fastopt.flat's tensor_mean, tensor_sum or tensor_norm "
+                        "(channel_mean, channel_sum per output channel) with layout=layout, and take `layout=None` as an argument")
+    return (". If a stat or stepper reduces over a tensor (a mean, sum or norm), use fastopt.flat's tensor_mean, tensor_sum or tensor_norm "
+            "with layout=layout: the fused step runs it on the group's flat buffer")
+
 # %% ../nbs/10_testing.ipynb #39510155
 def check_bool_options(s:_Session) -> str:
     "Every option annotated `bool` refuses 'yes' and 'no' with a `ValueError` naming the value"
@@ -197,10 +257,11 @@ def check_fused_equals_eager(s:_Session) -> str:
         s.fail('fused_equals_eager', "the fused step could not be compiled and fell back to eager: "
                + (fell[0] if fell else 'opt.fused is False') + " (a Python `if` on a tensor value, `.item()` or a graph break: use torch.where)")
     err = _diff(_flat(params), _flat(eager_params), params, s.fused_rtol, s.fused_atol, 'differs between fused and eager')
-    if err: s.fail('fused_equals_eager', err)
+    if err: s.fail('fused_equals_eager', err + _reduction_hint(opt.cbs))
     for (i,k,v),(_,_,w) in zip(_tensors(opt.state_dict()), _tensors(eager_opt.state_dict())):
         if not torch.allclose(v.double(), w.double(), rtol=s.fused_rtol, atol=s.fused_atol, equal_nan=True):
-            s.fail('fused_equals_eager', f"state {k!r} of {_where(params, i)} differs between fused and eager by up to {(v.double() - w.double()).abs().max().item():.3g}")
+            s.fail('fused_equals_eager', f"state {k!r} of {_where(params, i)} differs between fused and eager by up to {(v.double() - w.double()).abs().max().item():.3g}"
+                   + _reduction_hint(opt.cbs))
     return f"{s.steps} fused steps equal eager within rtol {s.fused_rtol:g}, atol {s.fused_atol:g}"
 
 # %% ../nbs/10_testing.ipynb #074844de
@@ -314,6 +375,23 @@ def check_state_kept(s:_Session) -> str:
         s.fail('state_kept', f"{cb} creates {k!r} but no parameter's state has it after two steps: a stat must return the state it creates (`return {{{k!r}: {k}}}`), or it starts from scratch every step")
     return f"state kept: {', '.join(sorted(have - {'do_wd'}))}"
 
+# %% ../nbs/10_testing.ipynb #b5d7f1e3
+def _same_memory(a:Tensor, b:Tensor) -> bool:
+    "Whether `a` and `b` share storage (a view of the other, or the same tensor)"
+    try: return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.untyped_storage().nbytes() > 0
+    except (RuntimeError, NotImplementedError): return a is b
+
+def check_state_not_grad(s:_Session) -> str:
+    "No state tensor shares memory with its parameter's gradient (`p.grad`, which a Learner zeroes and refills in place every step)"
+    params, opt = s.eager()
+    for i,p in enumerate(_flat(params)):
+        if p.grad is None: continue
+        for k,v in opt.state[p].items():
+            if isinstance(v, Tensor) and _same_memory(v, p.grad):
+                s.fail('state_not_grad', f"state {k!r} of {_where(params, i)} is p.grad itself (they share memory): a Learner zeroes p.grad after "
+                       f"every step and adds the next gradient into it, so {k!r} always equals the current gradient; keep a copy (`p.grad.clone()`)")
+    return "no state tensor is p.grad"
+
 # %% ../nbs/10_testing.ipynb #ef373d0a
 def _kit_model(dtype=torch.float64) -> nn.Module:
     torch.manual_seed(0)
@@ -366,6 +444,19 @@ def check_resume_learner(s:_Session) -> str:
     if err: s.fail('resume_learner', err)
     return "fit_one_cycle(2) resumed from a Learner checkpoint after epoch 1: bit-identical"
 
+# %% ../nbs/10_testing.ipynb #f9b1d5c7
+def _build_reference(ref, params, lr, options) -> tuple:
+    "(the reference optimizer, how it was built): a class gets `lr` and the options it takes by name, a callable only the parameters"
+    if inspect.isclass(ref):
+        sig = _signature(ref)
+        kw = {k: v for k,v in {'lr': lr, **options}.items() if k in sig}
+        r = ref(params, **kw)
+        how = f"the reference was built as {ref.__name__}(params, {', '.join(f'{k}={v!r}' for k,v in kw.items())})"
+    else: r, how = ref(params), f"the reference was built by {_name(ref)}(params)"
+    d = getattr(r, 'defaults', None)
+    if isinstance(d, dict): how += f", its settings: {', '.join(f'{k}={v!r}' for k,v in d.items() if isinstance(v, (int, float, tuple, str)) and not isinstance(v, bool) or k == 'lr')}"
+    return r, how
+
 # %% ../nbs/10_testing.ipynb #8e1ceefc
 def check_reference(s:_Session) -> str:
     "The optimizer matches a reference implementation (a `torch.optim`-style class or callable on a parameter list) over `reference_steps` steps"
@@ -374,13 +465,13 @@ def check_reference(s:_Session) -> str:
     init = [torch.randn(sh, generator=g, dtype=s.dtype) for sh in shapes]
     grads = [[torch.randn(sh, generator=g, dtype=s.dtype) for sh in shapes] for _ in range(n)]
     ours, theirs = [t.clone().requires_grad_() for t in init], [t.clone().requires_grad_() for t in init]
-    o, r = s.opt_func(ours, lr=s.lr, **s.options), ref(theirs)
+    o, (r, built) = s.opt_func(ours, lr=s.lr, **s.options), _build_reference(ref, theirs, s.lr, s.options)
     if hasattr(r, 'train') and callable(r.train): r.train()   # Schedule-Free references step in train mode
     for gs in grads:
         for p,q,gr in zip(ours, theirs, gs): p.grad, q.grad = gr.clone(), gr.clone()
         o.step(); r.step()
     err = _diff(ours, theirs, [ours], s.reference_rtol, s.reference_atol, f'differs from the reference after {n} steps')
-    if err: s.fail('reference', err)
+    if err: s.fail('reference', err + f"; {built}")
     if s.reference_eval and hasattr(o, 'eval') and hasattr(r, 'eval'):
         o.eval(); r.eval()
         err = _diff(ours, theirs, [ours], s.reference_rtol, s.reference_atol, 'differs from the reference after switching both to eval weights')
@@ -518,8 +609,8 @@ def optimizer_checks(
     s = _Session(opt_func, lr, steps, dtype, options, fused_rtol, fused_atol, tuple(learner_cbs))
     s.reference,s.reference_shapes,s.reference_steps = reference,[tuple(x) for x in reference_shapes],reference_steps
     s.reference_rtol,s.reference_atol,s.reference_eval = reference_rtol,reference_atol,reference_eval
-    fns = dict(hypers_validated=check_hypers_validated, bool_options=check_bool_options, state_kept=check_state_kept,
-               zero_grads=check_zero_grads, nan_contained=check_nan_contained, untouched_without_grad=check_untouched_without_grad,
+    fns = dict(builds=check_builds, hypers_validated=check_hypers_validated, bool_options=check_bool_options, state_kept=check_state_kept,
+               state_not_grad=check_state_not_grad, zero_grads=check_zero_grads, nan_contained=check_nan_contained, untouched_without_grad=check_untouched_without_grad,
                resume_state_dict=check_resume_state_dict, copies=check_copies)
     if fused: fns.update(fused_equals_eager=check_fused_equals_eager, no_recompiles=check_no_recompiles)
     if learner: fns['resume_learner'] = check_resume_learner
@@ -542,17 +633,26 @@ def check_optimizer(
     opt_func:Callable, # A builder, as for `optimizer_checks`
     **kwargs # `optimizer_checks`' options and the builder's own, such as `wd=0.1`
 ) -> CheckReport:
-    "Run every check on `opt_func`; return a short report, or raise `OptimizerCheckFailed` naming each property that failed"
+    "Run every check on `opt_func`; return a short report, or raise `OptimizerCheckFailed` naming each property that failed, each root cause once"
     rows, failures = [], []
     checks = optimizer_checks(opt_func, **kwargs)
+    name = checks[0].session.name
     for c in checks:
         t = time.perf_counter()
         try: rows.append((c.name, c(), time.perf_counter() - t))
         except OptimizerCheckFailed as e: failures.append(e)
         except NotImplementedError: raise
-        except Exception as e:
-            failures.append(OptimizerCheckFailed(c.name, f"raised {type(e).__name__}: {e}", checks[0].session.name))
+        except Exception as e: failures.append(OptimizerCheckFailed(c.name, f"raised {type(e).__name__}: {e}", name))
+        if c.name == 'builds' and failures:   # nothing else can run: one failure, not one per check
+            e = failures[0]
+            raise OptimizerCheckFailed('builds', f"{e.detail} (the other {len(checks) - 1} checks need an optimizer that builds and steps, and were not run)", name)
     if len(failures) == 1: raise failures[0]
     if failures:
-        raise OptimizerCheckFailed(', '.join(f.check for f in failures), '\n' + '\n'.join(f"  - {f}" for f in failures), checks[0].session.name)
-    return CheckReport(checks[0].session.name, rows)
+        same = {}   # checks that failed with the same message: one root cause, said once
+        for f in failures: same.setdefault(f.detail, []).append(f.check)
+        lines = [f"  - {' and '.join(repr(c) for c in cs) if len(cs) < 3 else ', '.join(repr(c) for c in cs)}{' (the same error)' if len(cs) > 1 else ''}: {d}"
+                 for d,cs in same.items()]
+        if failures[0].check == 'state_not_grad':   # state that is p.grad changes under the optimizer: resumes and copies differ because of it
+            lines.append("  (fix 'state_not_grad' first: the other failures may follow from it)")
+        raise OptimizerCheckFailed(', '.join(f.check for f in failures), '\n' + '\n'.join(lines), name)
+    return CheckReport(name, rows)

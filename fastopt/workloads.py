@@ -41,6 +41,8 @@ class Workload:
     about:str='' # One line for the report
     baseline:float|None=None # The metric of a trivial predictor, if there is one
     unit:str='' # '%' to show the metric as a percentage
+    bounds:tuple=(-math.inf, math.inf) # The values the metric can take, such as (0, 1) for accuracy: intervals are clipped to them
+    compare_loss:bool=False # Also compare the held-out loss (for a metric that moves in steps, as accuracy does)
 
     def reached(self, value:float) -> bool:
         "Whether `value` is at the target (False when there is no target or the value is not finite)"
@@ -62,7 +64,8 @@ def digits_workload(
     "scikit-learn's 8×8 digits and a small CNN (see `digits_learner`)"
     def learner(opt_func, seed=0, cbs=None, path='.'): return digits_learner(opt_func, seed=seed, cbs=cbs, path=path)
     return Workload('digits', learner, 'accuracy', True, target, epochs, 'digits', unit='%',
-                    about='scikit-learn digits (1,437 train / 360 held-out 8×8 images), 3-layer CNN with batch norm', baseline=0.1)
+                    about='scikit-learn digits (1,437 train / 360 held-out 8×8 images), 3-layer CNN with batch norm', baseline=0.1,
+                    bounds=(0., 1.), compare_loss=True)
 
 # %% ../nbs/86_workloads.ipynb #8a44faea
 def stdlib_text(
@@ -150,7 +153,7 @@ def text_workload(
     return Workload('text', learner, 'bits_per_char', False, target, epochs, 'text',
                     about=(f'character-level transformer LM ({n_layers} layers, width {d_model}, context {context}) on the Python '
                            f'standard library: {len(train):,} training characters from {nt} files, {len(valid):,} held-out from {nv} others'),
-                    baseline=math.log2(len(chars) + 1))
+                    baseline=math.log2(len(chars) + 1), bounds=(0., math.inf))
 
 # %% ../nbs/86_workloads.ipynb #e2d3ca99
 def read_table(csv:str|Path, target:str) -> pd.DataFrame:
@@ -253,9 +256,10 @@ def table_workload(df:pd.DataFrame, target:str, name:str='csv', task:str|None=No
         return table_learner(df, target, opt_func, seed=seed, task=task, layers=layers, cbs=cbs, path=path, log=lambda *a: None)
     classification = task == 'classification'
     return Workload(name, learner, 'accuracy' if classification else 'rmse', classification, target_metric, epochs, 'tabular',
-                    about=about or f"{len(df)} rows, target {target!r} ({task})", baseline=baseline, unit='%' if classification else '')
+                    about=about or f"{len(df)} rows, target {target!r} ({task})", baseline=baseline, unit='%' if classification else '',
+                    bounds=(0., 1.) if classification else (0., math.inf), compare_loss=classification)
 
-def tabular_workload(epochs:int=20, target:float=57.) -> Workload:
+def tabular_workload(epochs:int=10, target:float=57.) -> Workload:
     "scikit-learn's diabetes table: a regression of disease progression on 10 measurements, scored by RMSE"
     from sklearn.datasets import load_diabetes
     df = load_diabetes(as_frame=True).frame

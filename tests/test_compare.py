@@ -49,7 +49,7 @@ def colored_pixels(png) -> int:
 
 def test_diverging_run_is_recorded_and_the_rest_is_written(tmp_path, monkeypatch):
     monkeypatch.setitem(registry, 'Blowup', dict(opt=fastopt.Adam, digits=dict(lr=1e6)))
-    code,out,err = run_cli(['compare', '--opt', 'Adam,Blowup', '--epochs', '1', '--seeds', '2', '--quiet', '--out', str(tmp_path)])
+    code,out,err = run_cli(['compare', '--workload', 'digits', '--opt', 'Adam,Blowup', '--epochs', '1', '--seeds', '2', '--quiet', '--out', str(tmp_path)])
     assert code == 0, err
     runs = pd.read_csv(tmp_path/'runs.csv')
     assert set(runs[runs.optimizer == 'Blowup'].status) == {'diverged'}
@@ -67,7 +67,7 @@ def test_diverging_run_is_recorded_and_the_rest_is_written(tmp_path, monkeypatch
 @pytest.mark.parametrize('valley', [1e6, float('nan')])
 def test_lr_find_suggestion_that_blows_up(tmp_path, monkeypatch, valley):
     monkeypatch.setattr(Learner, 'lr_find', lambda self, **kw: SimpleNamespace(valley=valley))
-    code,out,err = run_cli(['compare', '--opt', 'Adam', '--epochs', '1', '--seeds', '1', '--lr', 'auto', '--out', str(tmp_path)])
+    code,out,err = run_cli(['compare', '--workload', 'digits', '--opt', 'Adam', '--epochs', '1', '--seeds', '1', '--lr', 'auto', '--out', str(tmp_path)])
     assert code == 0, err
     runs = pd.read_csv(tmp_path/'runs.csv')
     assert list(runs.status) == (['diverged'] if valley == 1e6 else ['error'])
@@ -75,7 +75,7 @@ def test_lr_find_suggestion_that_blows_up(tmp_path, monkeypatch, valley):
     assert (tmp_path/'report.md').exists() and (tmp_path/'summary.csv').exists()
 
 def test_diagnostics_plot_has_curves(tmp_path):
-    code,_,err = run_cli(['compare', '--opt', 'Adam', '--epochs', '1', '--seeds', '1', '--diagnostics', '--quiet', '--out', str(tmp_path)])
+    code,_,err = run_cli(['compare', '--workload', 'digits', '--opt', 'Adam', '--epochs', '1', '--seeds', '1', '--diagnostics', '--quiet', '--out', str(tmp_path)])
     assert code == 0, err
     png = tmp_path/'diagnostics-digits-Adam.png'
     assert colored_pixels(png) > 2000, 'the diagnostics plot has no curves'
@@ -192,3 +192,127 @@ def test_update_stats_plot_survives_validate(tmp_path):
     with learn.no_bar(): learn.validate()
     stats.plot().savefig(tmp_path/'d.png', dpi=70)
     assert colored_pixels(tmp_path/'d.png') > 2000
+
+# ---------------------------------------------------------------- your own optimizer: module:builder
+
+MY_OPTS = '''
+import fastopt
+def SlowAdam(params, lr=3e-3, fused=False): return fastopt.Adam(params, lr=lr, fused=fused)
+def NoDefaultLr(params, lr, fused=False): return fastopt.Adam(params, lr=lr, fused=fused)
+def Broken(params, lr=1e-2, fused=False): return fastopt.Adam(params, lr=lr, sqr_mom=2., fused=fused)
+def NotAnOptimizer(params, lr=1e-2): return 'not an optimizer'
+def NoLr(params, momentum=0.9): return None
+def EagerSGD(params, lr=1e-2): return fastopt.SGD(params, lr=lr, fused=False)
+settings = 3
+'''
+
+@pytest.fixture
+def my_opts(tmp_path, monkeypatch):
+    "A module of builders in the working directory, under a name no other test uses"
+    import uuid
+    name = f'my_opts_{uuid.uuid4().hex[:8]}'
+    (tmp_path/f'{name}.py').write_text(MY_OPTS)
+    monkeypatch.chdir(tmp_path)
+    return name
+
+def no_training(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fb, 'run_one', lambda *a, **k: calls.append(a))
+    return calls
+
+@pytest.mark.parametrize('builder,message', [
+    ('nosuchmodule_xyz:Adam', "no module 'nosuchmodule_xyz'"),
+    ('{m}:Missing', "module '{m}' ("),
+    ('{m}:settings', "is a int, not an optimizer builder"),
+    ('{m}:NoLr', "takes no lr (params, momentum)"),
+    ('{m}:NotAnOptimizer', "built a str, which has no step()"),
+    ('{m}:Broken', "Invalid sqr_mom: 2.0"),
+    ('{m}:NoDefaultLr', "has no usable lr for workload 'digits' (None): give its builder a default lr, or pass --lr"),
+    ('{m}', "Unknown optimizer: '{m}'"),
+])
+def test_module_builder_errors_before_training(my_opts, monkeypatch, tmp_path, builder, message):
+    calls = no_training(monkeypatch)
+    with pytest.raises(ValueError) as e:
+        fb.benchmark([digits_workload(epochs=1)], ['Adam', builder.format(m=my_opts)], seeds=1, out=tmp_path/'out', progress=False)
+    assert message.format(m=my_opts) in str(e.value), str(e.value)
+    assert calls == []
+
+def test_missing_hypers_for_one_workload_fails_before_any_run(monkeypatch, tmp_path):
+    monkeypatch.setitem(registry, 'DigitsOnly', dict(opt=fastopt.Adam, digits=dict(lr=1e-2)))
+    calls = no_training(monkeypatch)
+    with pytest.raises(ValueError, match="DigitsOnly has no hypers for workload 'tabular'"):
+        fb.benchmark(['digits', 'tabular'], ['Adam', 'DigitsOnly'], seeds=1, out=tmp_path, progress=False)
+    assert calls == []
+
+def test_module_builder_runs_from_its_default_lr_and_the_report_says_where_it_came_from(my_opts, tmp_path):
+    res = fb.benchmark([digits_workload(epochs=1)], [f'{my_opts}:SlowAdam', 'fastai.Adam'], seeds=2, out=tmp_path/'out', progress=False)
+    runs = res.runs
+    assert set(runs.status) == {'ok'} and set(runs[runs.optimizer == f'{my_opts}:SlowAdam'].lr) == {3e-3}
+    report = (tmp_path/'out'/'report.md').read_text()
+    assert f"- {my_opts}:SlowAdam: {my_opts}.SlowAdam ({tmp_path/my_opts}.py), default lr 0.003" in report
+    assert f'| {my_opts}:SlowAdam |' in report and 'vs fastai.Adam: held-out loss' in report
+
+def test_sweep_centres_on_the_builders_default_lr(my_opts, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(fb, 'run_one', lambda w, name, lr, seed, *a, **k: (seen.append(lr), dict(workload=w.name, optimizer=name, phase='sweep', lr=lr, seed=seed,
+                                                                                     status='diverged', metric=math.nan, note='stopped'))[1])
+    fb.benchmark([digits_workload(epochs=1)], [f'{my_opts}:SlowAdam'], seeds=1, sweep=True, grid=3, out=tmp_path/'out', progress=False)
+    assert seen == fb.lr_grid(3e-3, 3)
+
+# ---------------------------------------------------------------- the statistics
+
+def test_paired_test_and_holm_resolve_a_known_effect():
+    "Seed noise shared by every optimizer (sd 1) hides a 0.3 effect from unpaired intervals; the paired test finds it, Holm keeps the null ones"
+    rng = np.random.default_rng(3)
+    seeds = range(5)
+    shared = rng.normal(0, 1., 5)
+    base = {s: shared[s] + rng.normal(0, 0.02) for s in seeds}
+    effects = [0.3, -0.3] + [0.] * 18
+    opts = [{s: shared[s] + d + rng.normal(0, 0.02) for s in seeds} for d in effects]
+    m,_,ci,_ = fb.mean_ci(list(opts[0].values()))
+    mb,_,cib,_ = fb.mean_ci(list(base.values()))
+    assert abs(m - mb) < ci + cib   # unpaired 95% intervals overlap
+    p = [fb.paired_test(o, base)['p'] for o in opts]
+    adj = fb.holm(p)
+    assert list(adj < 0.05) == [True, True] + [False] * 18
+    assert np.all(adj >= np.array(p)) and adj[np.argmin(p)] == pytest.approx(min(p) * 20)
+
+def test_holm_against_a_hand_computed_example():
+    np.testing.assert_allclose(fb.holm([0.01, 0.02, 0.03, 0.5]), [0.04, 0.06, 0.06, 0.5])
+
+def test_intervals_respect_the_metric_range_and_say_when_seeds_tie():
+    assert fb.fmt_metric(0.9944, 0.0069, 3, '%', (0., 1.)) == '99.44% (CI 98.75–100.00, n=3)'
+    assert fb.fmt_metric(0.9944, 0.0069, 3, '%') == '99.44% ± 0.69 (n=3)'   # without bounds, as before
+    assert fb.fmt_metric(0.99, 0., 3, '%', (0., 1.), std=0.) == '99.00% (n=3, every seed the same)'
+    assert 'fewer than 3 seeds' in fb.fmt_metric(0.9, 0.01, 2, '%', (0., 1.))
+    assert fb.clip_interval(0.02, 0.05, (0., math.inf)) == (0., pytest.approx(0.07))
+
+def fake_run(w, name, lr, seed, epochs=None, fused=False, phase='final', **k):
+    "A run that trains nothing: the metric is a function of the optimizer and seed"
+    v = 0.9 + 0.01 * seed + (0.05 if 'Slow' in name else 0.)
+    return dict(workload=w.name, optimizer=name, phase=phase, lr=lr, seed=seed, epochs=epochs or w.epochs, fused=fused, status='ok',
+                metric=v, valid_loss=1 - v, time_to_target=math.nan, seconds=0.1, curve=f'{v}', loss_curve=f'{1 - v}', times='0.1', note='')
+
+def test_cli_runs_a_module_builder_and_the_report_reproduces_the_command(my_opts, tmp_path, monkeypatch):
+    monkeypatch.setattr(fb, 'run_one', fake_run)
+    code,out,err = run_cli(['compare', '--opt', f'{my_opts}:SlowAdam,Adam', '--workload', 'digits,tabular', '--baseline', 'Adam', '--quiet', '--out', 'out'])
+    assert code == 0, err
+    report = (tmp_path/'out'/'report.md').read_text()
+    assert f"`fastopt compare --opt {my_opts}:SlowAdam,Adam --workload digits,tabular --baseline Adam --quiet --out out` run in `{tmp_path}`" in report
+    assert report.count('| **better** +5.00 pts') == 1   # digits accuracy: 0.05 on every seed; tabular's rmse is lower-is-better: worse
+    assert 'against Adam (paired over seeds, Holm-adjusted p < 0.05): 2 better, 0 worse' in out
+
+@pytest.mark.parametrize('cmd', ['compare', 'bench'])
+def test_cli_refuses_a_bad_module_builder_in_one_line(my_opts, tmp_path, monkeypatch, cmd):
+    calls = no_training(monkeypatch)
+    for spec,message in ((f'{my_opts}:Missing', f"module '{my_opts}' ("), (f'{my_opts}:settings', 'not an optimizer builder'), ('nomod_q:X', "no module 'nomod_q'")):
+        code,_,err = run_cli([cmd, '--opt', spec, '--out', str(tmp_path/'out')])
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert calls == []
+
+def test_bench_times_a_module_builder(my_opts):
+    "A builder without `fused` is timed eagerly; its fused column is empty"
+    from fastopt.bench import bench
+    res = bench([f'{my_opts}:EagerSGD'], sets=[], shapes={'tiny': [(8, 4), (4,)]}, steps=2, eager_steps=2)
+    r = res.iloc[0]
+    assert r.optimizer == f'{my_opts}:EagerSGD' and math.isnan(r.fused_ms) and r.eager_ms > 0 and math.isnan(r.fastai_ms)

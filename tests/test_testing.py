@@ -30,7 +30,7 @@ def test_modern_optimizers_fuse(check): check()
 
 def test_report_lists_every_check():
     report = check_optimizer(fastopt.Adam, fused=False)
-    assert len(report) == 9 and 'Adam: all 9 checks pass' in repr(report) and 'resume_learner' in repr(report)
+    assert len(report) == 11 and 'Adam: all 11 checks pass' in repr(report) and 'resume_learner' in repr(report)
 
 # ---------------------------------------------------------------- the four mistakes
 
@@ -113,3 +113,78 @@ def test_reference_mismatch_shows_the_numbers():
     (c,) = [c for c in optimizer_checks(fastopt.Adam, lr=1e-3, wd=0., sqr_mom=0.999, eps=1e-8, fused=False,
                                         reference=lambda ps: torch.optim.Adam(ps, lr=1e-3)) if c.name == 'reference']
     assert 'match the reference' in c()
+
+# ---------------------------------------------------------------- the mistakes of issue 26: each named once, with its cause
+
+from fastopt.core import adam_stats, adam_denom, debiased_step, weight_decay_cb
+
+def kept_grad_stat(p, prev_grad=None, grad_diff=None, **kwargs):
+    "Adan's mistake: the previous gradient kept as p.grad itself, not a copy"
+    if prev_grad is None: prev_grad = p.grad
+    grad_diff = p.grad - prev_grad
+    prev_grad = p.grad
+    return {'prev_grad': prev_grad, 'grad_diff': grad_diff}
+
+def diff_step(p, lr, grad_diff, **kwargs): p.data.sub_(lr * (p.grad + grad_diff))
+
+def KeepsGrad(params, lr, fused=False): return Optimizer(params, [kept_grad_stat, diff_step], lr=lr, fused=fused)
+
+def test_state_that_is_p_grad_itself_is_named():
+    msg = failure(KeepsGrad, 'state_not_grad')
+    assert "state 'prev_grad' of parameter 0" in msg and 'is p.grad itself (they share memory)' in msg and 'p.grad.clone()' in msg
+    with pytest.raises(OptimizerCheckFailed) as e: check_optimizer(KeepsGrad, fused=False)
+    assert e.value.check.split(', ')[0] == 'state_not_grad'   # the cause comes first, before the resumes it breaks
+
+def test_the_kit_accumulates_gradients_in_place_as_a_learner_does():
+    "With a fresh gradient tensor every step (the old kit) KeepsGrad passed resume_state_dict; with one zeroed in place it cannot"
+    assert 'differs after resuming' in failure(KeepsGrad, 'resume_state_dict')
+
+def test_reference_class_is_built_with_the_kits_lr():
+    (c,) = [c for c in optimizer_checks(fastopt.Adam, fused=False, wd=0., sqr_mom=0.999, eps=1e-8, reference=torch.optim.Adam) if c.name == 'reference']
+    assert 'match the reference' in c()   # torch.optim.Adam(params, lr=0.01, eps=1e-08), not its default lr=1e-3
+    msg = failure(fastopt.Adam, 'reference', wd=0., reference=torch.optim.Adam)   # fastopt's sqr_mom 0.99 and eps 1e-5 are not torch's
+    assert 'the reference was built as Adam(params, lr=0.01)' in msg and 'betas=(0.9, 0.999)' in msg
+
+def Misspelled(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0., fused=False):
+    return Optimizer(params, [weight_decay_cb(True), *adam_stats, adam_like_step], fused=fused, lr=lr, mom=mom, sqr_mon=sqr_mom, eps=eps, wd=wd)
+
+def adam_like_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, **kwargs):
+    debiased_step(p, lr, mom, step, grad_avg, adam_denom(sqr_avg, sqr_mom, step, eps))
+
+def test_a_misspelled_hyper_is_one_failure():
+    with pytest.raises(OptimizerCheckFailed) as e: check_optimizer(Misspelled, fused=False)
+    assert e.value.check == 'builds'
+    msg = str(e.value)
+    assert msg.count('sqr_mon') == 1 and "did you mean 'sqr_mom'?" in msg and 'were not run' in msg
+
+def test_a_misspelled_option_is_one_failure():
+    with pytest.raises(OptimizerCheckFailed) as e: check_optimizer(fastopt.Adam, fused=False, sqr_mon=0.99)
+    assert e.value.check == 'builds' and "takes no option 'sqr_mon' (did you mean 'sqr_mom'?)" in str(e.value)
+
+def stepper_asks_for_sqr_mom(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, **kwargs):
+    debiased_step(p, lr, mom, step, grad_avg, adam_denom(sqr_avg, sqr_mom, step, eps))
+
+def NoSqrMom(params, lr, mom=0.9, eps=1e-5, fused=False):
+    "The stepper reads sqr_mom, which the builder never passes: adam_stats reads it too, so the optimizer refuses to build"
+    return Optimizer(params, [momentum_only, stepper_asks_for_sqr_mom], fused=fused, lr=lr, mom=mom, eps=eps)
+
+def momentum_only(p, mom, grad_avg=None, sqr_avg=None, step=0, **kwargs):
+    grad_avg = torch.zeros_like(p) if grad_avg is None else grad_avg
+    sqr_avg = torch.zeros_like(p) if sqr_avg is None else sqr_avg
+    return {'grad_avg': grad_avg.mul_(mom).add_(p.grad), 'sqr_avg': sqr_avg.addcmul_(p.grad, p.grad), 'step': step + 1}
+
+def test_a_hyper_nobody_provides_is_named_with_what_there_is():
+    with pytest.raises(OptimizerCheckFailed) as e: check_optimizer(NoSqrMom, fused=False)
+    msg = str(e.value)
+    assert e.value.check == 'builds' and "stepper_asks_for_sqr_mom needs 'sqr_mom'" in msg and 'neither a hyper (eps, lr, mom)' in msg
+
+def plain_mean_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, **kwargs):
+    mask = (grad_avg * p.grad > 0).to(p.dtype)
+    debiased_step(p, lr, mom, step, grad_avg * mask / mask.mean().clamp_min(1e-3), adam_denom(sqr_avg, sqr_mom, step, eps))
+
+def PlainMean(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, fused=False):
+    return Optimizer(params, [*adam_stats, plain_mean_step], fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps)
+
+def test_a_plain_mean_in_a_stepper_points_to_tensor_mean():
+    msg = failure(PlainMean, 'fused_equals_eager')
+    assert 'differs between fused and eager' in msg and 'plain_mean_step, line' in msg and 'mask.mean()' in msg and 'tensor_mean' in msg and 'layout=layout' in msg
