@@ -242,9 +242,10 @@ class Optimizer(fastai.optimizer.Optimizer):
         kahan_sum:bool|None=None, # See `Optimizer`
         stochastic_round:bool=False, # See `Optimizer`
         state_dtype=None, # See `Optimizer`
+        min_8bit_numel:int=min_8bit_numel, # Parameters with fewer values keep float32 state under '8bit'
     ):
         "Keep the weights and state as these say from the next step on (state already kept otherwise is converted as it steps); return the optimizer"
-        prec = Precision(kahan_sum, stochastic_round, state_dtype)
+        prec = Precision(kahan_sum, stochastic_round, state_dtype, min_8bit_numel=min_8bit_numel)
         prec.check(self._all_params())
         self.precision = prec
         self._forget_layouts()

@@ -59,8 +59,10 @@ class Precision:
         stochastic_round:bool=False, # Round bfloat16 weights stochastically instead (no extra buffer)
         state_dtype=None, # Element-wise state's storage: None (the parameter's dtype), a float dtype, or '8bit'
         seed:int=0, # Seed of stochastic rounding's random bits
+        min_8bit_numel:int=min_8bit_numel, # Parameters with fewer values keep float32 state under '8bit'
     ):
         self.kahan_sum,self.stochastic_round,self.state_dtype,self.seed = kahan_sum,stochastic_round,state_dtype,seed
+        self.min_8bit_numel = min_8bit_numel
 
     def weights(self, p:Tensor) -> str|None:
         "How `p`'s new value is written back: 'kahan', 'stochastic', 'nearest' (a low-precision weight) or None (it is updated in place)"
@@ -72,7 +74,7 @@ class Precision:
         "How `p`'s element-wise state is stored: '8bit', a dtype, or None (as the stats make it, in the weight's working dtype)"
         d = self.state_dtype
         if d is None: return p.dtype if p.dtype in low_precision else None
-        if d == '8bit': return '8bit' if p.numel() >= min_8bit_numel else torch.float32
+        if d == '8bit': return '8bit' if p.numel() >= self.min_8bit_numel else torch.float32
         return d
 
     def active(self, p:Tensor) -> bool:

@@ -9,14 +9,16 @@ from functools import partial
 from typing import Callable, Iterable
 import torch
 from torch import nn, Tensor
+from .precision import is_quantized
+from .flat import write_back_state
 
 # %% auto #0
-__all__ = ['KIT_ROLES', 'NO_WD', 'DDP_WORLD', 'OptimizerCheckFailed', 'kit_params', 'kit_grads', 'check_builds',
+__all__ = ['KIT_ROLES', 'NO_WD', 'DDP_WORLD', 'KIT_MODES', 'OptimizerCheckFailed', 'kit_params', 'kit_grads', 'check_builds',
            'check_hypers_validated', 'check_bool_options', 'check_fused_equals_eager', 'check_no_recompiles',
            'check_resume_state_dict', 'check_copies', 'check_zero_grads', 'check_nan_contained',
            'check_untouched_without_grad', 'check_state_kept', 'check_state_not_grad', 'kit_learner',
            'check_resume_learner', 'check_reference', 'distributed_equality', 'ddp_equality', 'check_ddp', 'check_fsdp',
-           'Check', 'optimizer_checks', 'CheckReport', 'check_optimizer']
+           'Check', 'optimizer_checks', 'check_state_precision', 'CheckReport', 'check_optimizer']
 
 # %% ../nbs/10_testing.ipynb #ec4c1923
 class OptimizerCheckFailed(AssertionError):
@@ -603,6 +605,7 @@ def optimizer_checks(
     reference_eval:bool=True, # Also compare after `eval()` where both optimizers have one (Schedule-Free)
     ddp:bool=False, # Include DDP equality (spawns 2 gloo processes; `opt_func` must be picklable)
     fsdp:bool=False, # Include FSDP2 equality (spawns 2 gloo processes; `opt_func` must be picklable)
+    modes:Iterable=(), # Low-precision modes to check too: names of `KIT_MODES` ('bf16', 'bf16-stochastic', '8bit', 'bf16-8bit', or 'all')
     **options # Passed to `opt_func`, such as `wd=0.1`
 ) -> list:
     "The checks `check_optimizer` runs, as a list of named `Check`s sharing their runs: parametrize a test over them"
@@ -617,7 +620,68 @@ def optimizer_checks(
     if reference is not None: fns['reference'] = check_reference
     if ddp: fns['ddp'] = check_ddp
     if fsdp: fns['fsdp'] = check_fsdp
-    return [Check(k, f, s) for k,f in fns.items()]
+    return [Check(k, f, s) for k,f in fns.items()] + [c for m in _mode_names(modes) for c in _mode_checks(s, m, fused, learner)]
+
+KIT_MODES = {   # name: (the parameters' dtype, `set_precision` arguments, fused rtol and atol against eager)
+    'bf16': (torch.bfloat16, dict(), 2**-6, 2**-8),
+    'bf16-stochastic': (torch.bfloat16, dict(stochastic_round=True), 2**-6, 2**-8),
+    '8bit': (torch.float32, dict(state_dtype='8bit'), 1e-2, 1e-2),
+    'bf16-8bit': (torch.bfloat16, dict(state_dtype='8bit'), 2**-5, 1e-2),
+}
+
+def _mode_names(modes) -> list:
+    "`modes` as a list of `KIT_MODES` names, refusing unknown ones"
+    modes = list(KIT_MODES) if modes == 'all' else [modes] if isinstance(modes, str) else list(modes)
+    bad = [m for m in modes if m not in KIT_MODES]
+    if bad: raise ValueError(f"Invalid modes: {bad!r} (expected names of fastopt.testing.KIT_MODES: {', '.join(KIT_MODES)}, or 'all')")
+    return modes
+
+class _InMode:
+    "A builder whose optimizers keep weights and state as a kit mode says; 8-bit state for every parameter, since the kit's are small"
+    def __init__(self, opt_func, precision:dict): self.opt_func,self.precision = opt_func,precision
+    def __call__(self, params, **kwargs):
+        opt = self.opt_func(params, **kwargs)
+        if not hasattr(opt, 'set_precision'): raise TypeError(f"{_name(self.opt_func)} builds a {type(opt).__name__}, which has no low-precision modes: build it on fastopt.core.Optimizer")
+        return opt.set_precision(**self.precision, min_8bit_numel=0)
+    @property
+    def __name__(self): return _name(self.opt_func)
+    @property
+    def __signature__(self): return inspect.signature(self.opt_func)
+
+def check_state_precision(s:_Session) -> str:
+    "Element-wise state is kept as the mode says (8-bit codes, or the weights' dtype), 0-d state exactly, and bf16 weights keep their Kahan compensation or rounding count"
+    params, opt = s.eager()
+    prec = opt.precision
+    for i,p in enumerate(_flat(params)):
+        for k,v in opt.state[p].items():
+            if not isinstance(v, Tensor) and not is_quantized(v): continue
+            if k in write_back_state: continue
+            if is_quantized(v): kind = '8bit'
+            elif v.ndim > 0 and v.shape == p.shape: kind = v.dtype
+            elif v.numel() == p.numel() > 1:
+                s.fail('state_precision', f"state {k!r} of {_where(params, i)} has the parameter's {p.numel()} values in shape {tuple(v.shape)}, not {tuple(p.shape)}: "
+                       "state is stored in low precision only in the parameter's shape, so this stays in full precision (keep it in `p`'s shape)")
+            else: continue
+            want = prec.storage(p) or p.dtype
+            if kind != want: s.fail('state_precision', f"state {k!r} of {_where(params, i)} is kept as {kind}, the mode says {want}: is it made in another dtype than the weight's working copy, or kept outside the returned state?")
+        mode = prec.weights(p)
+        if p.grad is not None and mode == 'kahan' and 'weight_comp' not in opt.state[p]: s.fail('state_precision', f"{_where(params, i)} has no Kahan compensation")
+    return f"state kept as {prec.state_dtype or 'the weights’ dtype'}, weights {s.dtype}"
+
+class _ModeSession(_Session):
+    "A session in a low-precision mode, whose failures carry the mode's name"
+    def fail(self, check, detail): raise OptimizerCheckFailed(f"{self.mode}:{check}", detail, self.name)
+
+def _mode_checks(base:_Session, mode:str, fused:bool, learner:bool) -> list:
+    "The checks of one low-precision mode, on a session of their own"
+    dtype,precision,rtol,atol = KIT_MODES[mode]
+    s = _ModeSession(_InMode(base.opt_func, precision), base.lr, base.steps, dtype, base.options, rtol, atol, base.learner_cbs)
+    s.name,s.mode = base.name,mode
+    fns = dict(state_precision=check_state_precision, zero_grads=check_zero_grads, nan_contained=check_nan_contained,
+               untouched_without_grad=check_untouched_without_grad, resume_state_dict=check_resume_state_dict, copies=check_copies)
+    if fused: fns['fused_equals_eager'] = check_fused_equals_eager
+    if learner and dtype == torch.float32: fns['resume_learner'] = check_resume_learner
+    return [Check(f"{mode}:{k}", f, s) for k,f in fns.items()]
 
 # %% ../nbs/10_testing.ipynb #97877594
 class CheckReport:

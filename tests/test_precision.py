@@ -194,3 +194,18 @@ def test_schedule_free_switch_keeps_compensation():
     opt.eval(); opt.train()
     after = [p.float() + opt.state[p]['weight_comp'].float() for p in ps]
     for b,a in zip(before, after): assert (b - a).abs().max() <= 2**-14 * b.abs().max()
+
+def test_kit_checks_every_mode():
+    "The kit runs its checks in every low-precision mode, and names a stat whose state escapes the mode"
+    from fastopt.testing import check_optimizer, OptimizerCheckFailed
+    from fastopt.core import Optimizer
+    report = check_optimizer(fastopt.Lion, modes='all', fused=False, learner=False)
+    assert {r[0] for r in report.rows} >= {'bf16:resume_state_dict', '8bit:state_precision', 'bf16-8bit:copies', 'bf16-stochastic:zero_grads'}
+    def flat_avg(p, mom, grad_avg=None, **kwargs):
+        "A momentum kept flattened: a mistake, since low-precision state is stored in the parameter's shape"
+        if grad_avg is None: grad_avg = torch.zeros(p.numel(), dtype=p.dtype)
+        return {'grad_avg': grad_avg.mul_(mom).add_(p.grad.reshape(-1))}
+    def flat_step(p, lr, grad_avg, **kwargs): p.data.sub_(grad_avg.view(p.shape) * lr)
+    def FlatMomentum(params, lr, mom=0.9, fused=False): return Optimizer(params, [flat_avg, flat_step], lr=lr, mom=mom, fused=fused)
+    with pytest.raises(OptimizerCheckFailed, match=r"8bit:state_precision.*has the parameter's 24 values in shape \(24,\), not \(3, 2, 2, 2\)"):
+        check_optimizer(FlatMomentum, modes=['8bit'], fused=False, learner=False)
