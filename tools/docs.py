@@ -1,0 +1,140 @@
+"""Build the documentation site from the notebooks (nbdev-docs needs Quarto, which cannot be installed here).
+
+`python tools/docs.py build` turns every notebook in `nbs/`, in filename order, into a page of a Sphinx site in
+`_docs/html/`: myst-nb renders the markdown (math included) and the outputs, executing each notebook at build time
+(jupyter-cache keeps the outputs in `_docs/.jupyter_cache`, so a notebook runs again only when its code changed); nothing is written back into
+`nbs/`. `python tools/docs.py check` checks the built site: every local link and image exists (`links`), and headless
+Chromium loads every page without a console error, with its math typeset and every image decoded (`browser`).
+
+The notebooks are copied into `_proc/` first, with nbdev's cell directives turned into what myst-nb understands:
+`#| hide` and `#| default_exp` cells run but are not shown, `#| export` cells are not shown either (nbdev's own
+choice) and are followed by the API entries of the public names they define, from their docstrings and docments;
+`#| exports` cells are shown; `#| eval: false` cells are shown but not run."""
+from __future__ import annotations
+import ast, json, os, re, shutil, subprocess, sys, time
+from pathlib import Path
+
+root = Path(__file__).resolve().parent.parent
+nbs, proc, build_dir = root/'nbs', root/'_proc', root/'_docs'
+out = build_dir/'html'   # beside it: .doctrees, .jupyter_cache (the outputs) and jupyter_execute (myst-nb's)
+
+def notebooks() -> list:
+    "The notebooks in `nbs/`, in filename order, `index.ipynb` (the home page) first"
+    found = sorted(p for p in nbs.glob('*.ipynb') if not p.name.startswith(('.', '_')))
+    return sorted(found, key=lambda p: p.name != 'index.ipynb')
+
+def directives(src:str) -> tuple:
+    "nbdev's `#| ` directives at the top of a cell, as {name: value}, and the source without them"
+    found, lines = {}, src.splitlines()
+    while lines and re.match(r'\s*#\|', lines[0]):
+        d = lines.pop(0).split('|', 1)[1].strip()
+        k, _, v = d.partition(':') if ':' in d.split()[0] else (d.split()[0], '', ' '.join(d.split()[1:]))
+        found[k.strip()] = v.strip()
+    return found, '\n'.join(lines)
+
+def public_names(src:str, exported:set) -> list:
+    "The names in `exported` that the top level of `src` defines, in order"
+    try: tree = ast.parse(src)
+    except SyntaxError: return []
+    names = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): names.append(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                names += [n.id for n in ast.walk(t) if isinstance(n, ast.Name)]
+    return [n for n in dict.fromkeys(names) if n in exported]
+
+def api_entry(module:str, name:str) -> str:
+    "A MyST autodoc directive for `module.name`: a function, a class with its public methods, or other data"
+    import importlib, inspect
+    obj = getattr(importlib.import_module(module), name)
+    if inspect.isclass(obj): return f'```{{autoclass}} {module}.{name}\n:members:\n```'
+    if callable(obj) and (inspect.isfunction(obj) or inspect.isbuiltin(obj)): return f'```{{autofunction}} {module}.{name}\n```'
+    return f'```{{autodata}} {module}.{name}\n:no-value:\n```'
+
+def md_cell(src:str) -> dict: return dict(cell_type='markdown', metadata={}, source=src)
+
+def process(nb_path:Path, toc:list|None=None) -> dict:
+    "The notebook at `nb_path` as myst-nb should render it (see the module's docstring)"
+    import importlib
+    nb = json.loads(nb_path.read_text())
+    module, exported, cells = None, set(), []
+    for cell in nb['cells']:
+        cell = dict(cell, metadata={k: v for k,v in cell.get('metadata', {}).items() if k == 'tags'})   # tags only: other tools' metadata can fail nbformat's schema
+        cell.pop('id', None)
+        if cell['cell_type'] != 'code': cells.append(cell); continue
+        d, body = directives(''.join(cell['source']))
+        tags = set(cell['metadata'].get('tags', []))
+        if 'default_exp' in d:
+            module = f"fastopt.{d['default_exp']}"
+            try: exported = set(getattr(importlib.import_module(module), '__all__', []))
+            except Exception as e: sys.exit(f'docs: {nb_path.name}: cannot import {module}: {e}')
+        if 'hide' in d or 'default_exp' in d or 'exporti' in d: tags.add('remove-cell')
+        if 'export' in d: tags.add('remove-input')
+        if d.get('eval') == 'false': tags.add('skip-execution')
+        if d.get('echo') == 'false': tags.add('remove-input')
+        if d.get('output') == 'false': tags.add('remove-output')
+        cell['source'], cell['metadata']['tags'] = body, sorted(tags)
+        cells.append(cell)
+        if ('export' in d or 'exports' in d) and module:
+            cells += [md_cell(api_entry(module, n)) for n in public_names(body, exported)]
+    if toc is not None:
+        cells.append(md_cell('```{toctree}\n:hidden:\n:maxdepth: 1\n\n' + '\n'.join(toc) + '\n```'))
+    nb['cells'] = cells
+    return nb
+
+def write_if_changed(path:Path, text:str):
+    "Write `text` to `path` unless it is there already (so Sphinx rebuilds only the pages that changed)"
+    if not path.exists() or path.read_text() != text: path.write_text(text)
+
+def prepare() -> list:
+    "Fill `_proc/` with the processed notebooks; return the page names in order"
+    proc.mkdir(exist_ok=True)
+    pages = notebooks()
+    names = [p.stem for p in pages]
+    if names[0] != 'index': sys.exit('docs: nbs/index.ipynb (the home page) is missing')
+    for p in pages:
+        nb = process(p, toc=names[1:] + ['api'] if p.stem == 'index' else None)
+        write_if_changed(proc/p.name, json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
+    write_if_changed(proc/'api.md', api_page())
+    for old in proc.glob('*.ipynb'):
+        if old.stem not in names: old.unlink()
+    return names
+
+def api_page() -> str:
+    "The API reference: every module of fastopt and what it exports, each linked to its entries in the pages"
+    import importlib, pkgutil, fastopt
+    lines = ['# API reference', '', 'Every public name of each module, documented on the page of the notebook that '
+             'defines it (its parameters from the docments of its source).', '']
+    for m in sorted(pkgutil.iter_modules(fastopt.__path__), key=lambda m: m.name):
+        if m.name.startswith('_'): continue
+        mod = importlib.import_module(f'fastopt.{m.name}')
+        names = [n for n in getattr(mod, '__all__', []) if not n.startswith('_')]
+        if not names: continue
+        lines += [f'## `fastopt.{m.name}`', '', (mod.__doc__ or '').strip().split('\n')[0], '',
+                  ', '.join(f'{{py:obj}}`~fastopt.{m.name}.{n}`' for n in names), '']
+    return '\n'.join(lines) + '\n'
+
+def build(execute:bool=True) -> float:
+    "Build the site into `_docs/`; return the seconds it took"
+    start = time.time()
+    prepare()
+    env = dict(os.environ, FASTOPT_DOCS_EXECUTE='cache' if execute else 'off', PYTHONWARNINGS='ignore')
+    env.setdefault('OMP_NUM_THREADS', '1')
+    cmd = [sys.executable, '-m', 'sphinx', '-b', 'html', '-c', str(root/'docs'), '-d', str(build_dir/'.doctrees'), '-q',
+           '--fail-on-warning', '--keep-going', str(proc), str(out)]
+    rc = subprocess.call(cmd, env=env, cwd=root)
+    if rc: sys.exit(f'docs: sphinx-build failed (exit {rc}); the messages above name the page and the problem')
+    took = time.time() - start
+    print(f'docs: {len(list(out.glob("*.html")))} HTML files in {out.relative_to(root)}/ ({took:.0f} s); '
+          f'open {out.relative_to(root)}/index.html')
+    return took
+
+if __name__ == '__main__':
+    args = sys.argv[1:] or ['build']
+    if args[0] == 'build': build(execute='--no-exec' not in args)
+    elif args[0] == 'check':
+        sys.path.insert(0, str(root/'tools'))
+        from docs_check import main as check
+        sys.exit(check(out, args[1:]))
+    else: sys.exit('usage: python tools/docs.py build [--no-exec] | check [links] [browser]')
