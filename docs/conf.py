@@ -1,6 +1,6 @@
 """Sphinx settings for fastopt's documentation site; `./dev docs` (tools/docs.py) builds it from `_proc/`, the
 processed copies of the notebooks, into `_docs/html/`."""
-import os, sys, importlib, pkgutil
+import os, re, sys, importlib, pkgutil
 from pathlib import Path
 
 root = Path(__file__).resolve().parent.parent
@@ -46,8 +46,28 @@ autodoc_typehints = 'signature'
 autodoc_preserve_defaults = True
 napoleon_google_docstring, napoleon_numpy_docstring = True, False
 
+def _rst_safe(app, what, name, obj, options, lines):
+    """fastopt's docstrings are markdown-flavoured plain text (`code`, |x| for a norm, a*b), not reStructuredText: after
+    napoleon has made its field list, write `code` as an inline literal and escape what reST would read as markup"""
+    def text(t):
+        t = re.sub(r'([|*_\\])', r'\\\1', t)
+        return re.sub(r'`([^`]+)`(?=(\w)?)', lambda m: f"``{m.group(1).replace(chr(92), '')}``" + ('\\ ' if m.group(2) else ''), t)
+    for i, l in enumerate(lines):
+        m = re.match(r'(\s*:[^:]+:)(.*)$', l)
+        lines[i] = m.group(1) + text(m.group(2)) if m else text(l)
+
+def _defaults_last(app, what, name, obj, options, lines):
+    "`add_param_docs` writes `k (default: v): doc`, which napoleon would read as a type; make it `k: doc (default: v)`"
+    for i, l in enumerate(lines):
+        lines[i] = re.sub(r'^(\s+\**\w+) \(default: (.*?)\): (.*)$', r'\1: \3 (default: `\2`)', l)
+
+def setup(app):
+    app.connect('autodoc-process-docstring', _defaults_last, priority=100)   # before napoleon (500)
+    app.connect('autodoc-process-docstring', _rst_safe, priority=900)        # after it
+
 html_theme = 'furo'
 html_title = 'fastopt'
+html_favicon = 'favicon.svg'   # a page without one makes the browser ask for /favicon.ico, a 404 in the console
 html_static_path = []
 html_copy_source = False
 html_show_sourcelink = False

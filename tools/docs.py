@@ -45,12 +45,14 @@ def public_names(src:str, exported:set) -> list:
     return [n for n in dict.fromkeys(names) if n in exported]
 
 def api_entry(module:str, name:str) -> str:
-    "A MyST autodoc directive for `module.name`: a function, a class with its public methods, or other data"
+    "An autodoc entry for `module.name` (a function, or a class with its public methods); None for data"
+    # in an eval-rst block: autodoc writes reStructuredText, which MyST would otherwise read as markdown
     import importlib, inspect
     obj = getattr(importlib.import_module(module), name)
-    if inspect.isclass(obj): return f'```{{autoclass}} {module}.{name}\n:members:\n```'
-    if callable(obj) and (inspect.isfunction(obj) or inspect.isbuiltin(obj)): return f'```{{autofunction}} {module}.{name}\n```'
-    return f'```{{autodata}} {module}.{name}\n:no-value:\n```'
+    if inspect.isclass(obj): d = f'.. autoclass:: {module}.{name}\n   :members:'
+    elif inspect.isfunction(obj) or inspect.isbuiltin(obj): d = f'.. autofunction:: {module}.{name}'
+    else: return None   # a dict or a list: autodoc would show its type's docstring; the page's prose says what it is
+    return f'```{{eval-rst}}\n{d}\n```'
 
 def md_cell(src:str) -> dict: return dict(cell_type='markdown', metadata={}, source=src)
 
@@ -77,11 +79,24 @@ def process(nb_path:Path, toc:list|None=None) -> dict:
         cell['source'], cell['metadata']['tags'] = body, sorted(tags)
         cells.append(cell)
         if ('export' in d or 'exports' in d) and module:
-            cells += [md_cell(api_entry(module, n)) for n in public_names(body, exported)]
+            cells += [md_cell(e) for e in (api_entry(module, n) for n in public_names(body, exported)) if e]
     if toc is not None:
         cells.append(md_cell('```{toctree}\n:hidden:\n:maxdepth: 1\n\n' + '\n'.join(toc) + '\n```'))
     nb['cells'] = cells
     return nb
+
+def nav_titles(pages:list) -> dict:
+    "Each page's title in the navigation: its notebook's first heading, and its module where two titles are the same"
+    titles, modules = {}, {}
+    for p in pages:
+        nb = json.loads(p.read_text())
+        heads = [l[2:].strip() for c in nb['cells'] if c['cell_type'] == 'markdown'
+                 for l in ''.join(c['source']).splitlines() if l.startswith('# ')]
+        titles[p.stem] = heads[0] if heads else p.stem
+        exp = [directives(''.join(c['source']))[0].get('default_exp') for c in nb['cells'] if c['cell_type'] == 'code']
+        modules[p.stem] = next((e for e in exp if e), None)
+    seen = [t for t in titles.values()]
+    return {n: (f'{t} (fastopt.{modules[n]})' if seen.count(t) > 1 and modules[n] else t) for n,t in titles.items()}
 
 def write_if_changed(path:Path, text:str):
     "Write `text` to `path` unless it is there already (so Sphinx rebuilds only the pages that changed)"
@@ -93,8 +108,9 @@ def prepare() -> list:
     pages = notebooks()
     names = [p.stem for p in pages]
     if names[0] != 'index': sys.exit('docs: nbs/index.ipynb (the home page) is missing')
+    toc = [f'{t} <{n}>' for n,t in nav_titles(pages[1:]).items()] + ['api']
     for p in pages:
-        nb = process(p, toc=names[1:] + ['api'] if p.stem == 'index' else None)
+        nb = process(p, toc=toc if p.stem == 'index' else None)
         write_if_changed(proc/p.name, json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
     write_if_changed(proc/'api.md', api_page())
     for old in proc.glob('*.ipynb'):
