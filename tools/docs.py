@@ -54,16 +54,15 @@ def api_entry(module:str, name:str) -> str:
     else: return None   # a dict or a list: autodoc would show its type's docstring; the page's prose says what it is
     return f'```{{eval-rst}}\n{d}\n```'
 
-def md_cell(src:str) -> dict: return dict(cell_type='markdown', metadata={}, source=src)
+def md_cell(src:str, id:str) -> dict: return dict(cell_type='markdown', id=id, metadata={}, source=src)
 
 def process(nb_path:Path, toc:list|None=None) -> dict:
     "The notebook at `nb_path` as myst-nb should render it (see the module's docstring)"
     import importlib
     nb = json.loads(nb_path.read_text())
-    module, exported, cells = None, set(), []
+    module, exported, cells, documented = None, set(), [], set()
     for cell in nb['cells']:
         cell = dict(cell, metadata={k: v for k,v in cell.get('metadata', {}).items() if k == 'tags'})   # tags only: other tools' metadata can fail nbformat's schema
-        cell.pop('id', None)
         if cell['cell_type'] != 'code': cells.append(cell); continue
         d, body = directives(''.join(cell['source']))
         tags = set(cell['metadata'].get('tags', []))
@@ -79,9 +78,11 @@ def process(nb_path:Path, toc:list|None=None) -> dict:
         cell['source'], cell['metadata']['tags'] = body, sorted(tags)
         cells.append(cell)
         if ('export' in d or 'exports' in d) and module:
-            cells += [md_cell(e) for e in (api_entry(module, n) for n in public_names(body, exported)) if e]
+            for n in public_names(body, exported):
+                if n not in documented and (e := api_entry(module, n)): cells.append(md_cell(e, f'api-{n}'[:64]))
+                documented.add(n)
     if toc is not None:
-        cells.append(md_cell('```{toctree}\n:hidden:\n:maxdepth: 1\n\n' + '\n'.join(toc) + '\n```'))
+        cells.append(md_cell('```{toctree}\n:hidden:\n:maxdepth: 1\n\n' + '\n'.join(toc) + '\n```', 'docs-toctree'))
     nb['cells'] = cells
     return nb
 

@@ -10,7 +10,7 @@
   error), or an image that did not decode; it also searches the site and expects results. It drives Chromium over the
   DevTools protocol on a pipe (`--remote-debugging-pipe`), so it needs nothing but Python. Without Chromium it installs
   it with apt-get where it can (as root), and otherwise fails, saying so; FASTOPT_DOCS_NO_BROWSER=1 skips it, saying so.
-  `--screenshot PAGE=FILE.png` (repeatable) saves a 1280×2000 screenshot of a page."""
+  `--screenshot=PAGE[#ID]=FILE.png` (repeatable) saves a 1280×2000 screenshot of a page, scrolled to an element."""
 from __future__ import annotations
 import functools, http.server, json, os, re, shutil, subprocess, sys, threading, time
 from html.parser import HTMLParser
@@ -216,13 +216,14 @@ def check_browser(site:Path, screenshots:dict|None=None) -> tuple:
             found += [f'image did not load: {s}' for s in st['broken_images']]
             bad += [f'{page}: {f}' for f in found]
             lines.append(f"{page}: {st['math']} math, {st['images']} images{'' if not found else f', {len(found)} problems'}")
-            if screenshots and page in screenshots:
+            for key, f in (screenshots or {}).items():
+                if key.split('#')[0] != page: continue
                 import base64
-                h = br.js('document.documentElement.scrollHeight')
-                shot = br.send('Page.captureScreenshot', session=True, format='png',
-                               clip=dict(x=0, y=0, width=1280, height=min(2000, h), scale=1))
-                Path(screenshots[page]).write_bytes(base64.b64decode(shot['data']))
-                lines.append(f'  screenshot: {screenshots[page]}')
+                frag = key.partition('#')[2]   # PAGE#id: scrolled to that element first
+                br.js(f'window.scrollTo(0, 0); {json.dumps(frag)} && document.getElementById({json.dumps(frag)}).scrollIntoView()')
+                time.sleep(0.3)
+                Path(f).write_bytes(base64.b64decode(br.send('Page.captureScreenshot', session=True, format='png')['data']))
+                lines.append(f'  screenshot of {key}: {f}')
         # search: the index loads and finds a word every optimizer page has
         br.events.clear()
         br.send('Page.navigate', session=True, url=base + 'search.html?q=Lamb')
