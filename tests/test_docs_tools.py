@@ -44,7 +44,8 @@ def test_process_tags_cells_and_adds_api_entries(tmp_path):
     assert [c['metadata'].get('tags') for c in out if c['cell_type'] == 'code'] == [
         ['remove-cell'], ['remove-cell'], ['remove-input'], ['skip-execution']]
     assert out[3]['source'] == 'def Adam(): pass\ndef _private(): pass'
-    assert out[4]['source'] == '```{eval-rst}\n.. autofunction:: fastopt.adam.Adam\n```'   # the public one only
+    entry = out[4]['source']   # the public name only, as a MyST py-domain entry
+    assert entry.startswith('```{py:function} Adam(') and ':module: fastopt.adam' in entry and '_private' not in str(out[5:])
     assert all('execution' not in c['metadata'] for c in out)
 
 def test_pages_in_filename_order_index_first():
@@ -89,3 +90,11 @@ def test_browser_check_catches_console_errors_broken_images_and_raw_math(tmp_pat
     assert any('boom' in p for p in problems)
     assert any('missing.png' in p for p in problems)
     assert any('math not typeset' in p for p in problems)
+
+def test_api_entry_shows_docstring_and_docments_not_the_appended_copy():
+    e = docs.api_entry('fastopt.rectified', 'plot_rectifier')
+    assert e.startswith('```{py:function} plot_rectifier(sqr_mom=0.999, length=1000, rho_min=5.0)\n:module: fastopt.rectified')
+    assert "- `sqr_mom` (default `0.999`): β2" in e
+    assert 'Parameters:' not in e   # fastopt's import-time copy of the docments in __doc__ is not shown twice
+    assert docs.api_entry('fastopt.registry', 'registry') is None   # data: no entry
+    assert '{py:method} step(' in docs.api_entry('fastopt.core', 'Optimizer')

@@ -44,15 +44,55 @@ def public_names(src:str, exported:set) -> list:
                 names += [n.id for n in ast.walk(t) if isinstance(n, ast.Name)]
     return [n for n in dict.fromkeys(names) if n in exported]
 
-def api_entry(module:str, name:str) -> str:
-    "An autodoc entry for `module.name` (a function, or a class with its public methods); None for data"
-    # in an eval-rst block: autodoc writes reStructuredText, which MyST would otherwise read as markdown
+def _doc(obj) -> str:
+    "`obj`'s own docstring, without the parameter list fastopt appends at import (the entry shows its docments)"
+    return (obj.__doc__ or '').split('\n\nParameters:\n')[0].strip()
+
+def _params(obj) -> str:
+    "A markdown list of `obj`'s documented parameters (its docments), with their defaults, and what it returns"
+    import inspect
+    from fastcore.docments import docments
+    try: docs = docments(obj, full=True)
+    except Exception: return ''
+    rows = []
+    for k, d in docs.items():
+        if k in ('self', 'return') or not d.get('docment'): continue
+        dflt = '' if d['default'] is inspect.Parameter.empty else f" (default `{d['default']!r}`)"
+        rows.append(f"- `{k}`{dflt}: {d['docment']}")
+    ret = (docs.get('return') or {}).get('docment')
+    if ret: rows.append(f'- returns: {ret}')
+    return '\n'.join(rows)
+
+def _signature(obj) -> str:
+    "`obj`'s parameters as a Python signature that Sphinx can parse: their names and short defaults"
+    import inspect
+    try: sig = inspect.signature(obj)
+    except (TypeError, ValueError): return '()'
+    parts, star = [], False
+    for p in sig.parameters.values():
+        if p.name == 'self': continue
+        if p.kind is p.KEYWORD_ONLY and not star: parts.append('*'); star = True
+        name = {p.VAR_POSITIONAL: '*', p.VAR_KEYWORD: '**'}.get(p.kind, '') + p.name
+        star |= p.kind is p.VAR_POSITIONAL
+        if p.default is not p.empty:
+            r = repr(p.default)
+            name += '=' + (r if len(r) <= 40 and not r.startswith('<') else '...')
+        parts.append(name)
+    return '(' + ', '.join(parts) + ')'
+
+def api_entry(module:str, name:str) -> str|None:
+    "The API entry of `module.name`, a function or a class with its public methods, in MyST; None for data"
+    # written as MyST py-domain directives, whose content is markdown (autodoc writes reStructuredText, which MyST
+    # can only take in eval-rst blocks: those made a page's parse quadratic in its length, minutes per build)
     import importlib, inspect
     obj = getattr(importlib.import_module(module), name)
-    if inspect.isclass(obj): d = f'.. autoclass:: {module}.{name}\n   :members:'
-    elif inspect.isfunction(obj) or inspect.isbuiltin(obj): d = f'.. autofunction:: {module}.{name}'
-    else: return None   # a dict or a list: autodoc would show its type's docstring; the page's prose says what it is
-    return f'```{{eval-rst}}\n{d}\n```'
+    if inspect.isfunction(obj) or inspect.isbuiltin(obj):
+        return f'```{{py:function}} {name}{_signature(obj)}\n:module: {module}\n\n{_doc(obj)}\n\n{_params(obj)}\n```'
+    if not inspect.isclass(obj): return None   # a dict or a list: the page's prose says what it is
+    methods = [f'```{{py:method}} {k}{_signature(v)}\n\n{_doc(v)}\n\n{_params(v)}\n```'
+               for k, v in vars(obj).items() if inspect.isfunction(v) and not k.startswith('_')]
+    body = '\n\n'.join([_doc(obj), _params(obj), *methods])
+    return f'````{{py:class}} {name}{_signature(obj)}\n:module: {module}\n\n{body}\n````'
 
 def md_cell(src:str, id:str) -> dict: return dict(cell_type='markdown', id=id, metadata={}, source=src)
 
@@ -136,6 +176,8 @@ def build(execute:bool=True) -> float:
     "Build the site into `_docs/`; return the seconds it took"
     start = time.time()
     prepare()
+    # viewcode rewrites a module's source page only when the module changed, not when the entries linking to it did
+    shutil.rmtree(out/'_modules', ignore_errors=True)
     env = dict(os.environ, FASTOPT_DOCS_EXECUTE='cache' if execute else 'off', PYTHONWARNINGS='ignore')
     env.setdefault('OMP_NUM_THREADS', '1')
     cmd = [sys.executable, '-m', 'sphinx', '-b', 'html', '-c', str(root/'docs'), '-d', str(build_dir/'.doctrees'), '-q',

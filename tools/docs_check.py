@@ -220,7 +220,8 @@ def check_browser(site:Path, screenshots:dict|None=None) -> tuple:
                 if key.split('#')[0] != page: continue
                 import base64
                 frag = key.partition('#')[2]   # PAGE#id: scrolled to that element first
-                br.js(f'window.scrollTo(0, 0); {json.dumps(frag)} && document.getElementById({json.dumps(frag)}).scrollIntoView()')
+                br.js(f"window.scrollTo({{top: 0, behavior: 'instant'}}); {json.dumps(frag)} && "   # instant: the theme scrolls smoothly
+                      f"document.getElementById({json.dumps(frag)}).scrollIntoView({{behavior: 'instant'}})")
                 time.sleep(0.3)
                 Path(f).write_bytes(base64.b64decode(br.send('Page.captureScreenshot', session=True, format='png')['data']))
                 lines.append(f'  screenshot of {key}: {f}')
