@@ -2,9 +2,9 @@
 
 `python tools/docs.py build` turns every notebook in `nbs/`, in filename order, into a page of a Sphinx site in
 `_docs/html/`: myst-nb renders the markdown (math included) and the outputs, executing each notebook at build time
-(jupyter-cache keeps the outputs in `_docs/.jupyter_cache`, so a notebook runs again only when its code changed); nothing is written back into
-`nbs/`. `python tools/docs.py check` checks the built site: every local link and image exists (`links`), and headless
-Chromium loads every page without a console error, with its math typeset and every image decoded (`browser`).
+(jupyter-cache keeps the outputs in `_docs/.jupyter_cache`, so a notebook runs again only when its code changed);
+nothing is written back into `nbs/`. `--no-exec` shows only the outputs stored in the notebooks. `python tools/docs.py
+check` checks the built site (tools/docs_check.py): README's and the site's links, and every page in headless Chromium.
 
 The notebooks are copied into `_proc/` first, with nbdev's cell directives turned into what myst-nb understands:
 `#| hide` and `#| default_exp` cells run but are not shown, `#| export` cells are not shown either (nbdev's own
@@ -102,7 +102,8 @@ def process(nb_path:Path, toc:list|None=None) -> dict:
     nb = json.loads(nb_path.read_text())
     module, exported, cells, documented = None, set(), [], set()
     for cell in nb['cells']:
-        cell = dict(cell, metadata={k: v for k,v in cell.get('metadata', {}).items() if k == 'tags'})   # tags only: other tools' metadata can fail nbformat's schema
+        # of a cell's metadata only its tags: what other tools wrote there can fail nbformat's schema
+        cell = dict(cell, metadata={k: v for k,v in cell.get('metadata', {}).items() if k == 'tags'})
         if cell['cell_type'] != 'code': cells.append(cell); continue
         d, body = directives(''.join(cell['source']))
         tags = set(cell['metadata'].get('tags', []))
