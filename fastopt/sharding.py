@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten
 from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
+from .precision import is_quantized
 
 # %% auto #0
 __all__ = ['probe_shapes', 'reductions', 'local', 'count_collectives', 'step_collectives', 'sharded_state_dict',
@@ -106,6 +107,11 @@ def sharded_state_dict(
 ) -> dict:
     "Model and optimizer state keyed by parameter name, DTensors left sharded: what `torch.distributed.checkpoint` saves"
     names,sd = _param_names(model, opt),opt.state_dict()
+    for n,p,s in zip(names, opt._all_params(), sd['state']):
+        q = [k for k,v in s.items() if is_quantized(v)]
+        if q and isinstance(p, DTensor):   # each rank's blocks start at its shard: the scales are per rank, which a checkpoint's global layout cannot hold
+            raise NotImplementedError(f"8-bit state ({q[0]!r} of {n}) of a sharded parameter cannot be saved with torch.distributed.checkpoint: "
+                                      "save each rank's `opt.state_dict()` with torch.save, or keep state_dtype=torch.bfloat16 for sharded runs")
     tensors = {n: {k: v for k,v in s.items() if isinstance(v, Tensor)} for n,s in zip(names, sd['state'])}
     meta = dict(hypers=sd['hypers'], cbs=sd['cbs'], stepped=[names[i] for i in sd['stepped']],
                 values={n: {k: v for k,v in s.items() if not isinstance(v, Tensor)} for n,s in zip(names, sd['state'])},
