@@ -287,7 +287,7 @@ def _clone(v): return {k: x.clone() for k,x in v.items()} if isinstance(v, dict)
 def _decode_flat(v):
     "A flat state buffer as the callbacks see it: 8-bit codes dequantized, bfloat16/float16 widened to float32"
     if isinstance(v, dict): return dequantize_rows(v['codes'], v['scale'])
-    return v.float() if v.dtype in (torch.bfloat16, torch.float16) else v
+    return v.float() if v.dtype in low_precision else v
 
 def _store_flat(buf, new:Tensor, old, live:Tensor, valid:Tensor):
     "Write `new` into state buffer `buf` (8-bit: quantized, padding as zeros) in the live blocks, `old` elsewhere"
@@ -316,7 +316,7 @@ def flat_group_step(
     st = {**st, **{k: st[k][layout.tensor_first_block].view(-1, 1, 1) for k in per_tensor if k in st}}
     g = p.grad
     old_g = g.clone()
-    narrow = p.dtype in (torch.bfloat16, torch.float16)
+    narrow = p.dtype in low_precision
     if narrow:   # the callbacks see the weight and gradient in float32, the weight with its Kahan compensation
         w = p.float() + state['weight_comp'].float() if 'weight_comp' in state else p.float()
         w.grad = g.float()

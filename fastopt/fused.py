@@ -14,7 +14,8 @@ from fastai.optimizer import weight_decay, l2_reg
 from .flat import *
 from .flat import _dynamic_size, _plain_tensor, _dense, _layout_tensors, _local, _check_dense_grad
 from .callbacks import _cb_attr, _cb_names
-from .precision import low_precision, is_quantized, position_key
+from .lowbit import low_precision, position_key
+from .precision import is_quantized
 from .shard_buckets import _shard_signature, _ShardBucket
 
 # %% auto #0
