@@ -248,3 +248,140 @@ def test_load_refuses_what_does_not_fit_and_changes_nothing():
     assert other.state_dict() == before
     bad = copy.deepcopy(sd); bad['param_groups'][0]['betas'] = (1.5, 0.999)
     with pytest.raises(ValueError, match=r'betas\[0\]: 1.5'): opt.load_state_dict(bad)
+
+# ---------------------------------------------------------------- torch's Optimizer API
+
+def test_errors_are_torch_types_and_name_the_value():
+    ps = torch_params()
+    for ours,theirs,kw,match in [(fo.Adam, torch.optim.Adam, dict(betas=(1.5, 0.999)), r'betas\[0\]: 1.5'),
+                                 (fo.AdamW, torch.optim.AdamW, dict(betas=(0.9, -0.1)), r'betas\[1\]: -0.1'),
+                                 (fo.SGD, torch.optim.SGD, dict(lr=-1.), 'lr: -1.0'),
+                                 (fo.RMSProp, torch.optim.RMSprop, dict(weight_decay=-0.5), 'weight_decay: -0.5'),
+                                 (fo.Adam, torch.optim.Adam, dict(eps=-1e-8), 'eps: -1e-08')]:
+        with pytest.raises(ValueError): theirs(ps, **kw)
+        with pytest.raises(ValueError, match=match): ours(ps, **kw)
+    with pytest.raises(TypeError): torch.optim.Adam(ps, foo=1)
+    with pytest.raises(TypeError, match="Adam.__init__.. got an unexpected keyword argument 'foo'"): fo.Adam(ps, foo=1)
+    with pytest.raises(TypeError, match='unexpected keyword'): fo.Lamb(ps, lr=1e-3, mom=0.9)   # fastopt's name where the class takes torch's `betas`
+    with pytest.raises(ValueError, match=r"Invalid betas: 0.9 \(expected 2 values"): fo.Adam(ps, betas=0.9)
+    with pytest.raises(ValueError, match='empty parameter list'): fo.Adam([])
+    with pytest.raises(TypeError, match='iterable of Tensors'): fo.Adam(ps[0])
+    with pytest.raises(ValueError, match="Invalid decouple_wd: 'yes'"): fo.SGD(ps, decouple_wd='yes')
+    opt = fo.Adam(ps)
+    opt.param_groups[0]['betas'] = (0.9, 1.0)   # a bad value set later (by hand or a scheduler) is refused at the step
+    with pytest.raises(ValueError, match=r'betas\[1\]: 1.0'): opt.step()
+
+def test_closure_hooks_and_zero_grad():
+    ps = torch_params()
+    opt = fo.AdamW(ps, lr=1e-2)
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(('pre', o is opt, ps[0].detach().clone())))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(('post', o is opt, ps[0].detach().clone())))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, 'seen_by_hook': True})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: {k: v for k,v in sd.items() if k != 'seen_by_hook'})
+    def closure():
+        assert torch.is_grad_enabled()
+        opt.zero_grad()
+        loss = sum((p ** 2).sum() for p in ps)
+        loss.backward()
+        return loss
+    with torch.no_grad(): loss = opt.step(closure)
+    assert torch.is_tensor(loss) and loss.item() == pytest.approx(sum((p0 ** 2).sum().item() for p0 in torch_params()))
+    assert [c[:2] for c in calls] == [('pre', True), ('post', True)] and not torch.equal(calls[0][2], calls[1][2])
+    sd = opt.state_dict()
+    assert sd['seen_by_hook']
+    opt.load_state_dict(sd)
+    grads = [p.grad for p in ps]
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not g.any() for p,g in zip(ps, grads))
+    opt.zero_grad()
+    assert all(p.grad is None for p in ps)
+
+def test_maximize_matches_torch_and_leaves_the_gradient():
+    "Adam with L2 decay (which changes the gradient it steps with) and maximize=True: torch's trajectory, the caller's gradients untouched"
+    a, b = torch_params(), torch_params()
+    ours, theirs = fo.Adam(a, lr=1e-2, weight_decay=0.1, maximize=True), torch.optim.Adam(b, lr=1e-2, weight_decay=0.1, maximize=True)
+    for gs in grads(a, 10):
+        for p,q,g in zip(a, b, gs): p.grad, q.grad = (None, None) if g is None else (g.clone(), g.clone())
+        ours.step(); theirs.step()
+        for p,g in zip(a, gs): assert (p.grad is None) if g is None else torch.equal(p.grad, g)
+    for p,q in zip(a, b): torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+
+def test_add_param_group_as_torch():
+    "A group added later steps with its own values; SGD built without momentum starts using it when a group asks for it, as torch's does"
+    a, b = torch_params(), torch_params()
+    ours, theirs = fo.SGD(a[:2], lr=1e-2), torch.optim.SGD(b[:2], lr=1e-2)
+    gs = grads(a, 12)
+    for t,step_grads in enumerate(gs):
+        if t == 4:
+            ours.add_param_group({'params': a[2:], 'lr': 0.1, 'momentum': 0.9, 'weight_decay': 0.01})
+            theirs.add_param_group({'params': b[2:], 'lr': 0.1, 'momentum': 0.9, 'weight_decay': 0.01})
+        for p,q,g in zip(a, b, step_grads): p.grad, q.grad = (None, None) if g is None else (g.clone(), g.clone())
+        ours.step(); theirs.step()
+    for p,q in zip(a, b): torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+    assert len(ours.fastai_optimizer.param_lists) == 2 and 'grad_avg' in ours.state[a[2]]
+    with pytest.raises(ValueError, match='lr: -1'): ours.add_param_group({'params': [torch.zeros(2, requires_grad=True)], 'lr': -1})
+    with pytest.raises(ValueError, match='more than one parameter group'): ours.add_param_group({'params': [a[0]]})
+    assert len(ours.param_groups) == len(ours.fastai_optimizer.param_lists) == len(ours.fastai_optimizer.hypers) == 2
+
+def test_repr_copies_tensor_lr_and_named_parameters():
+    model = torch.nn.Linear(3, 2).double()
+    opt = fo.Lamb(model.named_parameters(), lr=torch.tensor(1e-2), weight_decay=0.1)
+    text = repr(opt)
+    assert text.startswith("Lamb (decouple_wd=True, trust_wd=False, fused='auto') (") and 'betas: (0.9, 0.99)' in text and 'weight_decay: 0.1' in text
+    assert opt.param_groups[0]['param_names'] == ['weight', 'bias']
+    x = torch.randn(5, 3, dtype=torch.float64)
+    model(x).sum().backward()
+    opt.step()
+    twin = copy.deepcopy(opt)
+    import pickle
+    pickled = pickle.loads(pickle.dumps(opt))
+    for o in (opt, twin, pickled):
+        for p in o.param_groups[0]['params']: p.grad = torch.ones_like(p)
+        o.step()
+    for p,q,r in zip(opt.param_groups[0]['params'], twin.param_groups[0]['params'], pickled.param_groups[0]['params']):
+        assert torch.equal(p, q) and torch.equal(p, r) and p is not q
+
+def test_swa_utils():
+    model = torch.nn.Linear(3, 1).double()
+    opt = fo.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    swa_model, swa = torch.optim.swa_utils.AveragedModel(model), torch.optim.swa_utils.SWALR(opt, swa_lr=0.05, anneal_epochs=2)
+    for _ in range(3):
+        model(torch.randn(4, 3, dtype=torch.float64)).pow(2).mean().backward()
+        opt.step(); opt.zero_grad(); swa_model.update_parameters(model); swa.step()
+    assert opt.param_groups[0]['lr'] == pytest.approx(0.05) and int(swa_model.n_averaged) == 3
+
+# ---------------------------------------------------------------- the fused path
+
+def test_fused_equals_eager_and_resumes_bit_for_bit():
+    "One compile: Adam fused on flat buffers equals eager within 1e-10 (a parameter missing every third gradient, lr per group); a fused run resumed from torch.save continues bit for bit"
+    fused_groups = lambda ps: [{'params': ps[:2]}, {'params': ps[2:], 'lr': 5e-3}]
+    eager, fused, first = torch_params(), torch_params(), torch_params()
+    gs = grads(eager, 8)
+    def steps(opt, ps, gs):
+        for step_grads in gs:
+            for g in opt.param_groups: g['lr'] *= 0.9
+            for p,g in zip(ps, step_grads): p.grad = None if g is None else g.clone()
+            opt.step()
+        return opt
+    steps(fo.AdamW(fused_groups(eager), lr=1e-2, fused=False), eager, gs)
+    opt = steps(fo.AdamW(fused_groups(fused), lr=1e-2, fused=True), fused, gs)
+    assert opt.fastai_optimizer.fused is True   # no fallback to eager
+    for x,y in zip(fused, eager): torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    o1 = steps(fo.AdamW(fused_groups(first), lr=1e-2, fused=True), first, gs[:4])
+    assert o1.state[first[0]]['grad_avg']._base is not None   # the state is a view into a flat buffer
+    buf = io.BytesIO(); torch.save(o1.state_dict(), buf); buf.seek(0)
+    resumed = [p.detach().clone().requires_grad_() for p in first]
+    o2 = fo.AdamW(fused_groups(resumed), lr=1e-2, fused=True)
+    o2.load_state_dict(torch.load(buf, weights_only=True))
+    steps(o2, resumed, gs[4:])
+    for x,y in zip(resumed, fused): assert torch.equal(x, y)
+
+# ---------------------------------------------------------------- DDP and FSDP2
+
+def test_under_ddp_and_fsdp2():
+    "Both gloo ranks bit-identical and equal to one process averaging the half-batch gradients (rtol 1e-10): torch classes over plain, DDP and DTensor (FSDP2) parameters"
+    from fastopt.testing import distributed_equality
+    cases = {'AdamW-ddp': (fo.AdamW, 'ddp'), 'Muon-fsdp': (fo.Muon, 'fsdp'), 'Lamb-fsdp': (fo.Lamb, 'fsdp')}
+    res = distributed_equality(cases, lr=1e-2)
+    assert res == {n: None for n in cases}, res
