@@ -249,6 +249,34 @@ def test_load_refuses_what_does_not_fit_and_changes_nothing():
     bad = copy.deepcopy(sd); bad['param_groups'][0]['betas'] = (1.5, 0.999)
     with pytest.raises(ValueError, match=r'betas\[0\]: 1.5'): opt.load_state_dict(bad)
 
+def test_distributed_checkpoint_round_trip(tmp_path):
+    "torch.distributed.checkpoint (one process): get_optimizer_state_dict, dcp.save, then dcp.load and set_optimizer_state_dict into a fresh model and optimizer; the runs continue bit for bit, the float64 step count stays float64"
+    import warnings
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        return model, fo.ADOPT(model.parameters(), lr=1e-2, weight_decay=0.1)
+    X, y = torch.randn(16, 4), torch.randn(16, 1)
+    def steps(model, opt, n):
+        for _ in range(n):
+            opt.zero_grad(); torch.nn.functional.mse_loss(model(X), y).backward(); opt.step()
+    model, opt = make()
+    steps(model, opt, 3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', 'torch.distributed is disabled')   # one process, as intended
+        dcp.save({'model': get_model_state_dict(model), 'optim': get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+        steps(model, opt, 3)
+        model2, opt2 = make()
+        sd = {'model': get_model_state_dict(model2), 'optim': get_optimizer_state_dict(model2, opt2)}
+        dcp.load(sd, checkpoint_id=tmp_path)
+    set_model_state_dict(model2, sd['model']); set_optimizer_state_dict(model2, opt2, sd['optim'])
+    st = opt2.state[model2[0].weight]
+    assert st['grad_avg'].dtype == torch.float32 and st['step'].dtype == torch.float64 and int(st['step']) == 3
+    steps(model2, opt2, 3)
+    assert all(torch.equal(a, b) for a,b in zip(model.parameters(), model2.parameters()))
+
 # ---------------------------------------------------------------- torch's Optimizer API
 
 def test_errors_are_torch_types_and_name_the_value():
