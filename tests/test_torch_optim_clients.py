@@ -43,7 +43,7 @@ def test_lightning_fit_and_resume(tmp_path):
             return {'optimizer': opt, 'lr_scheduler': {'scheduler': S.OneCycleLR(opt, max_lr=1e-2, total_steps=8), 'interval': 'step'}}
     dl = lambda: DataLoader(TensorDataset(*data()), batch_size=16, shuffle=False)
     def trainer(epochs): return L.Trainer(max_epochs=epochs, accelerator='cpu', devices=1, logger=False, enable_checkpointing=False,
-                                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, deterministic=True)
+                                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     straight = Module(); t = trainer(2); t.fit(straight, dl())
     assert isinstance(t.optimizers[0], fo.AdamW) and t.global_step == 8
     first = Module(); t1 = trainer(1); t1.fit(first, dl())
