@@ -60,6 +60,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         hyper_names = set(self.fastai_optimizer.hypers[0])
         self.options = {k: v for k,v in fast.items() if k not in hyper_names}   # construction-time choices: decouple_wd, fused, ...
         self._sources = self._hyper_sources(hyper_names)
+        self._keys = tuple(dict.fromkeys(tk for tk,_,_ in self._sources)) + ('maximize',)   # the group keys a step reads
         self._nonzero = {k for k in cls.rebuild_when_nonzero if _plain(fast.get(k, 0)) != 0}
         super().__init__(groups, {**self._torch_values(self.fastai_optimizer.hypers[0]), 'maximize': maximize})
 
@@ -97,10 +98,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             if not isinstance(names, str) and name in names: return re.sub(rf"\b{name}\b", f"{tk}[{names.index(name)}]", msg)
         return msg
 
-    def _group_hypers(self, group:dict) -> dict:
-        "A torch param group's values as fastopt hypers, each checked"
+    def _group_hypers(self, group:dict, keys:set|None=None) -> dict:
+        "A torch param group's values (those under `keys`, or all) as fastopt hypers, each checked"
         res = {}
         for tk,i,n in self._sources:
+            if keys is not None and tk not in keys: continue
             v = group[tk]
             if i is not None:
                 if not isinstance(v, (tuple, list)) or i >= len(v): raise ValueError(f"Invalid {tk}: {v!r} (expected a tuple with element {i})")
@@ -152,8 +154,13 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._nonzero.add(k)
 
     def _sync(self):
-        "Copy every group's values, which schedulers change, into the fastopt optimizer's hypers"
-        for g,h in zip(self.param_groups, self.fastai_optimizer.hypers): h.update(self._group_hypers(g))
+        "Copy every group's values, which schedulers change, into the fastopt optimizer's hypers (checked again only where one changed)"
+        synced = self.__dict__.setdefault('_synced', {})   # group index: the values last copied (none are kept while a value is a tensor, which may change in place)
+        for i,(g,h) in enumerate(zip(self.param_groups, self.fastai_optimizer.hypers)):
+            values,last = tuple(g[k] for k in self._keys),synced.get(i)
+            if last == values: continue
+            h.update(self._group_hypers(g, None if last is None else {k for k,a,b in zip(self._keys, last, values) if a != b}))
+            synced[i] = None if any(isinstance(v, Tensor) or isinstance(v, (tuple, list)) and any(isinstance(x, Tensor) for x in v) for v in values) else values
         if type(self).rebuild_when_nonzero: self._rebuild_if_needed()
 
     def step(self,
@@ -222,7 +229,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             if 'param_names' in g and 'param_names' not in s: s['param_names'] = g['param_names']
         hypers = [self._group_hypers(s) for s in saved]
         opt.load_state_dict({'state': state, 'hypers': hypers, 'cbs': own['cbs'], 'stepped': stepped, **extra})
-        self.param_groups = saved
+        self.param_groups,self._synced = saved,{}
         for hook in self._optimizer_load_state_dict_post_hooks.values(): hook(self)
 
     def __getstate__(self) -> dict:
