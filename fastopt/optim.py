@@ -62,7 +62,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._sources = self._hyper_sources(hyper_names)
         self._keys = tuple(dict.fromkeys(tk for tk,_,_ in self._sources)) + ('maximize',)   # the group keys a step reads
         self._nonzero = {k for k in cls.rebuild_when_nonzero if _plain(fast.get(k, 0)) != 0}
-        super().__init__(groups, {**self._torch_values(self.fastai_optimizer.hypers[0]), 'maximize': maximize})
+        given = {k: v for k,v in fast.items() if k in hyper_names and isinstance(v, Tensor)}   # a tensor lr stays a tensor in the groups, as torch's does
+        super().__init__(groups, {**self._torch_values({**self.fastai_optimizer.hypers[0], **given}), 'maximize': maximize})
 
     def _build(self, param_lists:list, kwargs:dict):
         "The fastopt optimizer over `param_lists`; its errors name torch's arguments"

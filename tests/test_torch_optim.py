@@ -370,6 +370,18 @@ def test_repr_copies_tensor_lr_and_named_parameters():
     for p,q,r in zip(opt.param_groups[0]['params'], twin.param_groups[0]['params'], pickled.param_groups[0]['params']):
         assert torch.equal(p, q) and torch.equal(p, r) and p is not q
 
+def test_tensor_lr_changed_in_place_by_a_scheduler():
+    "torch's schedulers fill_ a tensor lr in place: each step still reads the current value, as torch.optim's do"
+    a, b = torch_params(), torch_params()
+    lr = lambda: torch.tensor(1e-2, dtype=torch.float64)
+    ours, theirs = fo.AdamW(a, lr=lr()), torch.optim.AdamW(b, lr=lr())
+    s1, s2 = S.StepLR(ours, step_size=2, gamma=0.1), S.StepLR(theirs, step_size=2, gamma=0.1)
+    for gs in grads(a, 8):
+        for p,q,g in zip(a, b, gs): p.grad, q.grad = (None, None) if g is None else (g.clone(), g.clone())
+        ours.step(); theirs.step(); s1.step(); s2.step()
+    assert isinstance(ours.param_groups[0]['lr'], torch.Tensor) and float(ours.param_groups[0]['lr']) == pytest.approx(1e-6)
+    for p,q in zip(a, b): torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+
 def test_swa_utils():
     model = torch.nn.Linear(3, 1).double()
     opt = fo.SGD(model.parameters(), lr=0.1, momentum=0.9)
