@@ -328,7 +328,7 @@ adam_or_amsgrad.__signature__,adam_or_amsgrad.__wrapped__ = _with_amsgrad(fastop
 
 # %% ../nbs/12_torch_optim.ipynb #a729640d
 class TorchScheduleFree(TorchOptimizer):
-    "A `TorchOptimizer` over a Schedule-Free optimizer: `train()` before training steps, `eval()` before evaluating or saving (Hugging Face's Trainer and accelerate call both)"
+    "A `TorchOptimizer` over a Schedule-Free optimizer: `train()` before training steps, `eval()` before evaluating or saving (Hugging Face's Trainer calls both; accelerate's wrapper passes them on)"
     def train(self):
         "Put the training point y in the parameters"
         self._sync()
