@@ -14,7 +14,8 @@ Not applicable, and why:
 - complex parameters (test_complex*) and sparse gradients (test_rosenbrock_sparse): refused with a clear error, as the
   issue asks (test_validation.py).
 - step/state_dict hooks (register_step_pre_hook, ...): fastai optimizers have no hook API; fastai's Learner callbacks
-  (before_step, after_step) are the extension point.
+  (before_step, after_step) are the extension point. The torch.optim classes of `fastopt.optim` have torch's hooks, and
+  `maximize` and `step(closure)` (test_torch_optim.py).
 - differentiable, maximize, capturable, foreach flags: fastai optimizers step under no_grad, have no maximize (negate the
   loss) and no CUDA-graph capture; `fused` replaces foreach.
 - CUDA and multi-device cases (test_state_dict_with_cuda_params, test_cpu_load_state_dict, multi-GPU mixed devices,
