@@ -356,7 +356,7 @@ def test_repr_copies_tensor_lr_and_named_parameters():
     model = torch.nn.Linear(3, 2).double()
     opt = fo.Lamb(model.named_parameters(), lr=torch.tensor(1e-2), weight_decay=0.1)
     text = repr(opt)
-    assert text.startswith("Lamb (decouple_wd=True, trust_wd=False, fused='auto') (") and 'betas: (0.9, 0.99)' in text and 'weight_decay: 0.1' in text
+    assert text.startswith("Lamb (decouple_wd=True, trust_wd=False, fused='auto', kahan_sum=None, stochastic_round=False, state_dtype=None) (") and 'betas: (0.9, 0.99)' in text and 'weight_decay: 0.1' in text
     assert opt.param_groups[0]['param_names'] == ['weight', 'bias']
     x = torch.randn(5, 3, dtype=torch.float64)
     model(x).sum().backward()
