@@ -69,7 +69,7 @@ def _compare(args):
 
 # %% ../nbs/90_cli.ipynb #a5e63bdc
 def _bench(parser, args):
-    from fastopt.bench import bench, bench_optimizers, param_sets, compile_bench, end_to_end, peers_bench
+    from fastopt.bench import bench, bench_optimizers, param_sets, compile_bench, end_to_end, peers_bench, memory_bench, precision_bench
     try:
         names = list(bench_optimizers) if args.opt is None else _names(args.opt, 'optimizer')
         for n in names:
@@ -79,7 +79,9 @@ def _bench(parser, args):
             if n not in param_sets: raise ValueError(f"Unknown parameter set: {n!r} (known: {', '.join(param_sets)})")
         if args.steps < 1: raise ValueError(f"Invalid steps: {args.steps} (expected a positive integer)")
         runs = dict(step=lambda: bench(names, sets, steps=args.steps, log=True), compile=lambda: compile_bench(names, sets, log=True),
-                    e2e=lambda: end_to_end(log=True), peers=lambda: peers_bench(sets, steps=args.steps))
+                    e2e=lambda: end_to_end(log=True), peers=lambda: peers_bench(sets, steps=args.steps),
+                    memory=lambda: memory_bench(None if args.opt is None else names, log=True),
+                    precision=lambda: precision_bench(None if args.opt is None else names, sets=sets, steps=args.steps, log=True))
         what = _names(args.what, 'benchmark')
         for w in what:
             if w not in runs: raise ValueError(f"Unknown --what: {w!r} (known: {', '.join(runs)})")
@@ -87,10 +89,11 @@ def _bench(parser, args):
     except ValueError as e: _fail('bench', str(e))
     for w in what:
         res = runs[w]()
-        path = out/('bench.csv' if w == 'step' else f'{w}.csv')
-        res.to_csv(path, index=False)
-        print(res.to_string(index=False, float_format='{:.2f}'.format))
-        print(f"\nwritten: {path}")
+        for name,df in (res.items() if isinstance(res, dict) else [('bench' if w == 'step' else w, res)]):   # memory: two tables
+            path = out/f'{name}.csv'
+            df.to_csv(path, index=False)
+            print(df.to_string(index=False, float_format='{:.2f}'.format))
+            print(f"\nwritten: {path}")
 
 # %% ../nbs/90_cli.ipynb #6498f7c5
 def _regret(args):
@@ -146,7 +149,7 @@ def main(argv:list|None=None):
     bn.add_argument('--opt', default=None, help='comma-separated names (default: all fused-capable optimizers)')
     bn.add_argument('--sets', default='resnet18,transformer', help='parameter sets (default: resnet18,transformer)')
     bn.add_argument('--steps', type=int, default=20, help='timed steps per fused optimizer (default: 20)')
-    bn.add_argument('--what', default='step', help='comma-separated: step (bench.csv), compile (compile.csv: cold and warm, beside a one-op graph), e2e (e2e.csv: digits and resnet18-shaped runs, compile included), peers (peers.csv) (default: step)')
+    bn.add_argument('--what', default='step', help='comma-separated: step (bench.csv), compile (compile.csv: cold and warm, beside a one-op graph), e2e (e2e.csv: digits and resnet18-shaped runs, compile included), peers (peers.csv), memory (state-bytes.csv: state bytes per parameter in each precision mode; peak-memory.csv: a CharLM training step), precision (precision.csv: fused steps in each precision mode beside fp32 and torch AdamW on bf16 weights) (default: step)')
     bn.add_argument('--out', default='fastopt-results', help='folder for the CSV files (default: fastopt-results)')
     rg = sub.add_parser('regret', help="AMSGrad's counterexample: fastopt's Adam and AMSGrad on the paper's synthetic problem")
     rg.add_argument('--steps', type=int, default=10**6, help='steps T (default: 1000000)')
