@@ -309,7 +309,7 @@ def mode_params(shapes:list, mode:str, seed:int=0) -> list:
 # %% ../nbs/95_bench.ipynb #674e115e
 def optimizer_names() -> list:
     "The 22 optimizers of `fastopt.__all__` (those of the registry less fastai's own)"
-    from .registry import registry
+    from fastopt.registry import registry
     return [n for n in registry if not n.startswith('fastai.')]
 
 def state_bytes_table(
@@ -319,7 +319,7 @@ def state_bytes_table(
     steps:int=2, # Eager steps before counting
 ) -> pd.DataFrame:
     "Bytes of optimizer state per parameter value (`state_nbytes`) of each optimizer in each precision mode: a row per optimizer, a column per mode"
-    from .precision import state_nbytes
+    from fastopt.precision import state_nbytes
     names = optimizer_names() if names is None else names
     modes = check_modes(modes, [m for m in precision_modes if m != 'bf16 plain'])
     shapes = shapes or transformer_shapes(d=128, layers=4, vocab=2000, context=256)
@@ -473,9 +473,9 @@ def precision_quality(
     log=None, # Called with a line per run
 ) -> pd.DataFrame:
     "Train each optimizer in each precision mode on each workload (registry learning rate, eager, `benchmark.run_one`): a row per run with its final metric"
-    from .workloads import get_workload
-    from .benchmark import run_one
-    from .registry import registry, hypers_for
+    from fastopt.workloads import get_workload
+    from fastopt.benchmark import run_one
+    from fastopt.registry import registry, hypers_for
     modes = check_modes(modes)
     for n in names:
         if n not in registry: raise ValueError(f"Unknown optimizer: {n!r} (known: {', '.join(registry)})")
@@ -502,7 +502,7 @@ def precision_summary(
     reference:str='fp32', # The mode whose interval the others are held against
 ) -> pd.DataFrame:
     "Mean and 95% CI of each workload, optimizer and mode, and whether the mean lies inside `reference`'s interval"
-    from .benchmark import mean_ci
+    from fastopt.benchmark import mean_ci
     rows = []
     for (w,o,m),d in runs.groupby(['workload', 'optimizer', 'mode'], sort=False):
         mean,_,ci,n = mean_ci(d.metric[d.status == 'ok'])
