@@ -56,3 +56,13 @@ def test_precision_quality_summary_plot(tiny_text):
     assert (s.ci95 > 0).all()
     fig = plot_precision_quality(s)
     assert len(fig.axes) == 1
+
+def test_cli_bench_memory_writes_both_tables(tmp_path, monkeypatch):
+    import pandas as pd
+    import fastopt.bench
+    from fastopt.cli import main
+    tables = {'state-bytes': pd.DataFrame(dict(optimizer=['Adam'], fp32=[8.])), 'peak-memory': pd.DataFrame(dict(mode=['fp32'], peak_MB=[1.]))}
+    monkeypatch.setattr(fastopt.bench, 'memory_bench', lambda names=None, log=False: tables)   # the real one takes minutes
+    main(['bench', '--what', 'memory', '--out', str(tmp_path)])
+    assert pd.read_csv(tmp_path/'state-bytes.csv').fp32[0] == 8.
+    assert pd.read_csv(tmp_path/'peak-memory.csv').peak_MB[0] == 1.
