@@ -501,12 +501,17 @@ def precision_summary(
     runs:pd.DataFrame, # Rows of `precision_quality`
     reference:str='fp32', # The mode whose interval the others are held against
 ) -> pd.DataFrame:
-    "Mean and 95% CI of each workload, optimizer and mode, and whether the mean lies inside `reference`'s interval"
+    "Mean and 95% CI of each workload, optimizer and mode, whether the mean lies inside `reference`'s interval, and the mean difference from `reference` paired by seed, with its 95% CI"
     from fastopt.benchmark import mean_ci
+    ok = runs[runs.status == 'ok']
+    ref_runs = ok[ok['mode'] == reference].set_index(['workload', 'optimizer', 'seed']).metric
     rows = []
     for (w,o,m),d in runs.groupby(['workload', 'optimizer', 'mode'], sort=False):
-        mean,_,ci,n = mean_ci(d.metric[d.status == 'ok'])
-        rows.append(dict(workload=w, optimizer=o, mode=m, n=n, runs=len(d), mean=mean, ci95=ci))
+        d = d[d.status == 'ok']
+        mean,_,ci,n = mean_ci(d.metric)
+        diff,_,diff_ci,_ = mean_ci([r.metric - ref_runs.get((w, o, r.seed), np.nan) for r in d.itertuples()])
+        rows.append(dict(workload=w, optimizer=o, mode=m, n=n, runs=len(runs[(runs.workload == w) & (runs.optimizer == o) & (runs['mode'] == m)]),
+                         mean=mean, ci95=ci, diff=diff, diff_ci95=diff_ci))
     s = pd.DataFrame(rows)
     ref = s[s['mode'] == reference].set_index(['workload', 'optimizer'])
     key = list(zip(s.workload, s.optimizer))

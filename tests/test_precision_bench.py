@@ -54,6 +54,7 @@ def test_precision_quality_summary_plot(tiny_text):
     assert list(s['mode']) == ['fp32', 'bf16 plain'] and (s.n == 2).all()
     assert s.in_fp32_ci.iloc[0]   # fp32's mean lies inside its own interval
     assert (s.ci95 > 0).all()
+    assert s['diff'].iloc[0] == 0 and s['diff'].iloc[1] == pytest.approx(s['mean'].iloc[1] - s['mean'].iloc[0])   # paired by seed
     fig = plot_precision_quality(s)
     assert len(fig.axes) == 1
 
