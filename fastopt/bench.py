@@ -12,9 +12,12 @@ import fastai.optimizer
 import fastopt
 
 # %% auto #0
-__all__ = ['param_sets', 'bench_optimizers', 'resnet18_shapes', 'transformer_shapes', 'many_shapes', 'median_seconds',
-           'interleaved_ms', 'copy_bandwidth', 'make_params', 'state_tensors_per_param', 'bench_builder', 'bench',
-           'compile_seconds', 'compile_bench', 'end_to_end', 'peers_bench']
+__all__ = ['param_sets', 'bench_optimizers', 'precision_modes', 'resnet18_shapes', 'transformer_shapes', 'many_shapes',
+           'median_seconds', 'interleaved_ms', 'copy_bandwidth', 'make_params', 'state_tensors_per_param',
+           'bench_builder', 'bench', 'compile_seconds', 'compile_bench', 'end_to_end', 'peers_bench', 'check_modes',
+           'mode_params', 'optimizer_names', 'state_bytes_table', 'peak_memory_table', 'memory_bench', 'step_bytes',
+           'precision_bench', 'WeightDtype', 'precision_workload', 'precision_quality', 'precision_summary',
+           'plot_precision_quality']
 
 # %% ../nbs/95_bench.ipynb #a8db3721
 def resnet18_shapes() -> list:
@@ -284,3 +287,274 @@ def peers_bench(
         torch_ms = 1e3 * median_seconds(adamw.step, steps)
         for r in _peer_steps(shapes, steps): rows.append(dict(params=set_name, **r, torch_adamw_fused_ms=torch_ms, vs_torch=r['step_ms'] / torch_ms))
     return pd.DataFrame(rows)
+
+# %% ../nbs/95_bench.ipynb #faca2cf9
+import dataclasses
+import numpy as np
+from functools import partial
+from fastai.callback.core import Callback
+
+precision_modes = {   # name: (weight dtype, the optimizer's precision arguments)
+    'fp32': (torch.float32, {}),
+    'fp32 + bf16 state': (torch.float32, dict(state_dtype=torch.bfloat16)),
+    'fp32 + 8-bit state': (torch.float32, dict(state_dtype='8bit')),
+    'bf16 + Kahan': (torch.bfloat16, dict(kahan_sum=True)),   # state in bfloat16, the weights' dtype
+    'bf16 + SR': (torch.bfloat16, dict(stochastic_round=True)),
+    'bf16 + Kahan + 8-bit': (torch.bfloat16, dict(kahan_sum=True, state_dtype='8bit')),
+    'bf16 + SR + 8-bit': (torch.bfloat16, dict(stochastic_round=True, state_dtype='8bit')),
+    'bf16 plain': (torch.bfloat16, dict(kahan_sum=False)),   # rounded to nearest, nothing kept: the contrast
+}
+
+def check_modes(modes:list|None, default:list|None=None) -> list:
+    "`modes` (or `default`, or all of `precision_modes`) as a list, refusing an unknown name"
+    modes = list(default or precision_modes) if modes is None else list(modes)
+    if not modes: raise ValueError(f"No precision mode given (known: {', '.join(precision_modes)})")
+    for m in modes:
+        if m not in precision_modes: raise ValueError(f"Unknown precision mode: {m!r} (known: {', '.join(precision_modes)})")
+    return modes
+
+def mode_params(shapes:list, mode:str, seed:int=0) -> list:
+    "Parameters of `shapes` in `mode`'s weight dtype, each with a random gradient of that dtype"
+    dtype = precision_modes[check_modes([mode])[0]][0]
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+    for p in ps: p.grad = torch.randn(p.shape, generator=g).to(dtype)
+    return ps
+
+# %% ../nbs/95_bench.ipynb #674e115e
+def optimizer_names() -> list:
+    "The 22 optimizers of `fastopt.__all__` (those of the registry less fastai's own)"
+    from fastopt.registry import registry
+    return [n for n in registry if not n.startswith('fastai.')]
+
+def state_bytes_table(
+    names:list|None=None, # Optimizers of `fastopt` (default `optimizer_names()`)
+    modes:list|None=None, # Precision modes (default: all but 'bf16 plain', whose state is that of 'bf16 + Kahan' less the compensation)
+    shapes:list|None=None, # Parameter shapes (default `transformer_shapes(d=128, layers=4, vocab=2000, context=256)`)
+    steps:int=2, # Eager steps before counting
+) -> pd.DataFrame:
+    "Bytes of optimizer state per parameter value (`state_nbytes`) of each optimizer in each precision mode: a row per optimizer, a column per mode"
+    from fastopt.precision import state_nbytes
+    names = optimizer_names() if names is None else names
+    modes = check_modes(modes, [m for m in precision_modes if m != 'bf16 plain'])
+    shapes = shapes or transformer_shapes(d=128, layers=4, vocab=2000, context=256)
+    rows = []
+    for name in names:
+        if not callable(getattr(fastopt, name, None)): raise ValueError(f"Unknown optimizer: {name!r} (known: {', '.join(optimizer_names())})")
+        row = dict(optimizer=name)
+        for mode in modes:
+            opt = getattr(fastopt, name)(mode_params(shapes, mode), lr=1e-4, fused=False, **_kwargs.get(name, {}), **precision_modes[mode][1])
+            for _ in range(steps): opt.step()
+            row[mode] = state_nbytes(opt)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+# %% ../nbs/95_bench.ipynb #646ba015
+_peak_script = r'''
+import json, sys, torch
+torch.set_num_threads(1)
+import fastopt
+from fastopt.bench import precision_modes
+from fastopt.workloads import CharLM
+from fastopt.release import release_gradients, peak_tensor_memory
+from fastopt.precision import state_nbytes
+mode, release = sys.argv[1], sys.argv[2] == 'True'
+d, layers, bs, context, vocab = map(int, sys.argv[3:8])
+dtype, kw = precision_modes[mode]
+torch.manual_seed(0)
+model = CharLM(vocab, context, d, layers).to(dtype)
+opt = fastopt.Adam(list(model.parameters()), lr=1e-3, fused=False, **kw)
+if release: release_gradients(opt)
+x, y = torch.randint(0, vocab, (bs, context)), torch.randint(0, vocab, (bs, context))
+def step():
+    torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).backward()
+    opt.step()   # with release: nothing is left to step
+    for p in model.parameters(): p.grad = None
+for _ in range(2): step()
+peak = peak_tensor_memory(step)
+n = sum(p.numel() for p in model.parameters())
+print(json.dumps(dict(peak=peak, weights=sum(p.nbytes for p in model.parameters()), state=state_nbytes(opt) * n, params=n)))
+'''
+
+def peak_memory_table(
+    modes:list|None=None, # Precision modes, each without and with gradient release (default: fp32, bf16 + Kahan, bf16 + Kahan + 8-bit)
+    d_model:int=512, # Width of the `CharLM`
+    n_layers:int=4, # Its blocks
+    bs:int=4, # Batch size
+    context:int=64, # Characters per sequence
+    vocab:int=100, # Vocabulary size
+) -> pd.DataFrame:
+    "Peak bytes of live tensors (`peak_tensor_memory`) in an eager Adam training step of a `CharLM`, each mode without and with `release_gradients`, each in a fresh process"
+    modes = check_modes(modes, ['fp32', 'bf16 + Kahan', 'bf16 + Kahan + 8-bit'])
+    rows = []
+    for mode in modes:
+        for release in (False, True):
+            out = subprocess.run([sys.executable, '-c', _peak_script, mode, str(release), *map(str, (d_model, n_layers, bs, context, vocab))],
+                                 capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(dict(mode=mode, gradient_release=release, params=r['params'], weights_MB=r['weights'] / 1e6,
+                             state_MB=r['state'] / 1e6, peak_MB=r['peak'] / 1e6))
+    df = pd.DataFrame(rows)
+    df['vs_first'] = df.peak_MB / df.peak_MB.iloc[0]
+    return df
+
+def memory_bench(
+    names:list|None=None, # Optimizers for the state table (default all 22)
+    log:bool=False, # Print each table when done
+) -> dict:
+    "`fastopt bench --what memory`: {'state-bytes': `state_bytes_table`, 'peak-memory': `peak_memory_table`}"
+    res = {}
+    for k,f in (('state-bytes', lambda: state_bytes_table(names)), ('peak-memory', peak_memory_table)):
+        res[k] = f()
+        if log: print(res[k].to_string(index=False, float_format='{:.3f}'.format), flush=True)
+    return res
+
+# %% ../nbs/95_bench.ipynb #9ff2a0b7
+def _tensor_bytes(v) -> int:
+    if isinstance(v, dict): return sum(_tensor_bytes(x) for x in v.values())
+    return v.nbytes if isinstance(v, torch.Tensor) else 0
+
+def step_bytes(opt) -> int:
+    "Bytes a step of `opt` (fastopt's or torch's) must move at least: each weight read and written, its gradient read, each state tensor read and written"
+    ps = [p for pg in opt.param_groups for p in pg['params']] if isinstance(opt, torch.optim.Optimizer) else list(opt._all_params())
+    return sum(2 * p.nbytes + p.grad.nbytes + 2 * sum(_tensor_bytes(v) for v in opt.state[p].values()) for p in ps)
+
+def precision_bench(
+    names:list|None=None, # fastopt optimizers (default Adam, Lamb, Lion, RAdam)
+    modes:list|None=None, # Precision modes, each beside fp32 (default: all but fp32 and 'bf16 plain')
+    sets:list|None=None, # Parameter sets of `param_sets` (default transformer)
+    steps:int=10, # Timed steps, interleaved
+    shapes:dict|None=None, # Other parameter sets {name: shapes}, for small runs
+    fused:bool=True, # Fused steps (False: eager, to check the bookkeeping without a compile)
+    log:bool=False, # Print each row as it is measured
+) -> pd.DataFrame:
+    "Each optimizer's step in each precision mode, interleaved with its fp32 step and `torch.optim.AdamW(fused=True)` on bfloat16 weights: ms and achieved GB/s (`step_bytes` over the time)"
+    names = ['Adam', 'Lamb', 'Lion', 'RAdam'] if names is None else names
+    modes = check_modes(modes, [m for m in precision_modes if m not in ('fp32', 'bf16 plain')])
+    for name in names:
+        if not callable(getattr(fastopt, name, None)): raise ValueError(f"Unknown optimizer: {name!r} (known: {', '.join(optimizer_names())})")
+    sets = {**{k: param_sets[k]() for k in (['transformer'] if sets is None else sets)}, **(shapes or {})}
+    rows = []
+    for set_name,set_shapes in sets.items():
+        adamw = torch.optim.AdamW(mode_params(set_shapes, 'bf16 + Kahan'), lr=1e-3, fused=True)
+        adamw.step()
+        for name in names:
+            def make(mode):
+                opt = getattr(fastopt, name)(mode_params(set_shapes, mode), lr=1e-4, fused=fused, **_kwargs.get(name, {}), **precision_modes[mode][1])
+                opt.step()
+                start = time.perf_counter(); opt.step(); compile_s = time.perf_counter() - start   # fused: the compile
+                return opt,compile_s
+            base,_ = make('fp32')
+            for mode in modes:
+                opt,compile_s = make(mode)
+                ms,fp32_ms,torch_ms = interleaved_ms([opt.step, base.step, adamw.step], steps)
+                b = step_bytes(opt)
+                rows.append(dict(params=set_name, optimizer=name, mode=mode, fused=bool(opt.fused), ms=ms, fp32_ms=fp32_ms, torch_adamw_bf16_ms=torch_ms,
+                                 vs_fp32=ms / fp32_ms, vs_torch=ms / torch_ms, bytes_per_value=b / sum(p.numel() for p in opt._all_params()),
+                                 GB_s=b / ms / 1e6, fp32_GB_s=step_bytes(base) / fp32_ms / 1e6, torch_GB_s=step_bytes(adamw) / torch_ms / 1e6,
+                                 compile_s=compile_s))
+                if log: print(f"{set_name} {name} {mode}: {ms:.1f} ms ({rows[-1]['GB_s']:.2f} GB/s), fp32 {fp32_ms:.1f} ms, "
+                              f"torch AdamW bf16 {torch_ms:.1f} ms, compile {compile_s:.1f} s", flush=True)
+    return pd.DataFrame(rows)
+
+# %% ../nbs/95_bench.ipynb #cbd310a3
+class WeightDtype(Callback):
+    "Train a model whose weights are `dtype`: floating inputs cast to it, predictions back to float32 for the loss and metrics"
+    order = -10
+    def __init__(self, dtype): self.dtype = dtype
+    def before_batch(self): self.learn.xb = tuple(x.to(self.dtype) if x.is_floating_point() else x for x in self.xb)
+    def after_pred(self): self.learn.pred = self.pred.float()
+
+def precision_workload(
+    workload, # A `Workload`
+    mode:str, # A name in `precision_modes`
+):
+    "`workload` whose learners train in `mode`: the model's weights in its dtype, the optimizer builder given its arguments"
+    dtype,kw = precision_modes[check_modes([mode])[0]]
+    def learner(opt_func, seed=0, cbs=None, path='.'):
+        extra = [WeightDtype(dtype)] if dtype != torch.float32 else []
+        learn = workload.learner(partial(opt_func, **kw), seed=seed, cbs=list(cbs or []) + extra, path=path)
+        learn.model.to(dtype)
+        return learn
+    return dataclasses.replace(workload, learner=learner)
+
+def precision_quality(
+    workloads:list=('text', 'digits'), # Workload names or `Workload` objects
+    names:list=('Adam', 'Lamb', 'Lion', 'RAdam'), # Optimizers of the registry
+    modes:list=('fp32', 'bf16 + Kahan', 'fp32 + 8-bit state', 'bf16 plain'), # Precision modes
+    seeds:int=3, # Runs per optimizer, mode and workload
+    epochs:dict|None=None, # Epochs per workload name (default: each workload's)
+    csv:str|Path|None=None, # Append each run's row to this CSV file as it finishes
+    log=None, # Called with a line per run
+) -> pd.DataFrame:
+    "Train each optimizer in each precision mode on each workload (registry learning rate, eager, `benchmark.run_one`): a row per run with its final metric"
+    from fastopt.workloads import get_workload
+    from fastopt.benchmark import run_one
+    from fastopt.registry import registry, hypers_for
+    modes = check_modes(modes)
+    for n in names:
+        if n not in registry: raise ValueError(f"Unknown optimizer: {n!r} (known: {', '.join(registry)})")
+    if seeds < 1: raise ValueError(f"Invalid seeds: {seeds} (expected a positive integer)")
+    wls = [get_workload(w) if isinstance(w, str) else w for w in workloads]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in wls:
+            ep = (epochs or {}).get(w.name, w.epochs)
+            for name in names:
+                lr = hypers_for(name, w.hypers)['lr']
+                for mode in modes:
+                    pw = precision_workload(w, mode)
+                    for seed in range(seeds):
+                        r = run_one(pw, name, lr, seed, ep, path=tmp)
+                        rows.append(dict(workload=w.name, optimizer=name, mode=mode, seed=seed, lr=lr, epochs=ep, status=r['status'],
+                                         metric=r['metric'], seconds=r['seconds'], note=r.get('note', '')))
+                        if csv: pd.DataFrame(rows[-1:]).to_csv(csv, mode='a', header=not Path(csv).exists(), index=False)
+                        if log: log(f"{w.name} {name} {mode} seed {seed}: {r['status']} {w.metric} {r['metric']:.4g} ({r['seconds']:.0f} s)")
+    return pd.DataFrame(rows)
+
+def precision_summary(
+    runs:pd.DataFrame, # Rows of `precision_quality`
+    reference:str='fp32', # The mode whose interval the others are held against
+) -> pd.DataFrame:
+    "Mean and 95% CI of each workload, optimizer and mode, whether the mean lies inside `reference`'s interval, and the mean difference from `reference` paired by seed, with its 95% CI"
+    from fastopt.benchmark import mean_ci
+    ok = runs[runs.status == 'ok']
+    ref_runs = ok[ok['mode'] == reference].set_index(['workload', 'optimizer', 'seed']).metric
+    rows = []
+    for (w,o,m),d in runs.groupby(['workload', 'optimizer', 'mode'], sort=False):
+        d = d[d.status == 'ok']
+        mean,_,ci,n = mean_ci(d.metric)
+        diff,_,diff_ci,_ = mean_ci([r.metric - ref_runs.get((w, o, r.seed), np.nan) for r in d.itertuples()])
+        rows.append(dict(workload=w, optimizer=o, mode=m, n=n, runs=len(runs[(runs.workload == w) & (runs.optimizer == o) & (runs['mode'] == m)]),
+                         mean=mean, ci95=ci, diff=diff, diff_ci95=diff_ci))
+    s = pd.DataFrame(rows)
+    ref = s[s['mode'] == reference].set_index(['workload', 'optimizer'])
+    key = list(zip(s.workload, s.optimizer))
+    lo = np.array([ref['mean'].get(k, np.nan) - ref.ci95.get(k, np.nan) for k in key])
+    hi = np.array([ref['mean'].get(k, np.nan) + ref.ci95.get(k, np.nan) for k in key])
+    s[f'in_{reference}_ci'] = (s['mean'] >= lo) & (s['mean'] <= hi)
+    return s
+
+def plot_precision_quality(
+    summary:pd.DataFrame, # From `precision_summary`
+    reference:str='fp32', # The mode drawn as a band
+):
+    "A panel per workload: each optimizer's final metric per mode (mean and 95% CI), over the reference mode's interval as a band"
+    import matplotlib.pyplot as plt
+    wls = list(dict.fromkeys(summary.workload))
+    fig,axs = plt.subplots(1, len(wls), figsize=(5.5 * len(wls), 4), squeeze=False)
+    modes = list(dict.fromkeys(summary['mode']))
+    for ax,w in zip(axs[0], wls):
+        s = summary[summary.workload == w]
+        opts = list(dict.fromkeys(s.optimizer))
+        for i,o in enumerate(opts):
+            r = s[(s.optimizer == o) & (s['mode'] == reference)]
+            if len(r): ax.fill_between([i - 0.4, i + 0.4], r['mean'].iloc[0] - np.nan_to_num(r.ci95.iloc[0]), r['mean'].iloc[0] + np.nan_to_num(r.ci95.iloc[0]), color='0.85', lw=0)
+        for j,m in enumerate(modes):
+            r = s[s['mode'] == m].set_index('optimizer').reindex(opts)
+            x = np.arange(len(opts)) + (j - (len(modes) - 1) / 2) * 0.8 / len(modes)
+            ax.errorbar(x, r['mean'], yerr=r.ci95.fillna(0), fmt='o', ms=4, capsize=2, label=m)
+        ax.set_xticks(range(len(opts)), opts); ax.set_title(f'{w} (grey: {reference} 95% CI)'); ax.set_ylabel('final held-out metric')
+    axs[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -21,7 +21,7 @@ workload_names = ('digits', 'text', 'tabular')   # the keys of `fastopt.workload
 bench_optimizer_names = ('Adam', 'AMSGrad', 'RAdam', 'SAdam', 'SRAdam', 'AdamGC', 'DuvAdam', 'Lamb', 'StableAdam', 'AdamAWD', 'UM',
                          'PreLamb', 'SUAdam', 'BAdam', 'SGD', 'RMSProp', 'QHAdam', 'Larc')   # `fastopt.bench.bench_optimizers`
 param_set_names = ('resnet18', 'transformer', 'many')   # the keys of `fastopt.bench.param_sets`
-bench_runs = ('step', 'compile', 'e2e', 'peers')   # what `fastopt bench --what` runs
+bench_runs = ('step', 'compile', 'e2e', 'peers', 'memory', 'precision')   # what `fastopt bench --what` runs
 
 def check_names(
     names:list, # The names given
@@ -125,19 +125,22 @@ def _bench(parser, args):
         what = check_names(_names(args.what, 'benchmark'), bench_runs, '--what')
         out = check_out(args.out)
     except ValueError as e: _fail('bench', str(e))
-    from fastopt.bench import bench, bench_builder, compile_bench, end_to_end, peers_bench   # torch and fastai from here on
+    from fastopt.bench import bench, bench_builder, compile_bench, end_to_end, peers_bench, memory_bench, precision_bench   # torch and fastai from here on
     try:
         for n in names:
             if ':' in n: bench_builder(n)   # your own, as module:builder: refused here if it cannot be imported or is no builder
     except ValueError as e: _fail('bench', str(e))
     runs = dict(step=lambda: bench(names, sets, steps=args.steps, log=True), compile=lambda: compile_bench(names, sets, log=True),
-                e2e=lambda: end_to_end(log=True), peers=lambda: peers_bench(sets, steps=args.steps))
+                e2e=lambda: end_to_end(log=True), peers=lambda: peers_bench(sets, steps=args.steps),
+                memory=lambda: memory_bench(None if args.opt is None else names, log=True),
+                precision=lambda: precision_bench(None if args.opt is None else names, sets=sets, steps=args.steps, log=True))
     for w in what:
         res = runs[w]()
-        path = out/('bench.csv' if w == 'step' else f'{w}.csv')
-        res.to_csv(path, index=False)
-        print(res.to_string(index=False, float_format='{:.2f}'.format))
-        print(f"\nwritten: {path}")
+        for name,df in (res.items() if isinstance(res, dict) else [('bench' if w == 'step' else w, res)]):   # memory: two tables
+            path = out/f'{name}.csv'
+            df.to_csv(path, index=False)
+            print(df.to_string(index=False, float_format='{:.2f}'.format))
+            print(f"\nwritten: {path}")
 
 # %% ../nbs/90_cli.ipynb #6498f7c5
 def _regret(args):
@@ -194,7 +197,7 @@ def main(argv:list|None=None):
     bn.add_argument('--opt', default=None, help='comma-separated names, or module:builder for one of your own (default: all fused-capable optimizers)')
     bn.add_argument('--sets', default='resnet18,transformer', help='parameter sets (default: resnet18,transformer)')
     bn.add_argument('--steps', type=int, default=20, help='timed steps per fused optimizer (default: 20)')
-    bn.add_argument('--what', default='step', help='comma-separated: step (bench.csv), compile (compile.csv: cold and warm, beside a one-op graph), e2e (e2e.csv: digits and resnet18-shaped runs, compile included), peers (peers.csv) (default: step)')
+    bn.add_argument('--what', default='step', help='comma-separated: step (bench.csv), compile (compile.csv: cold and warm, beside a one-op graph), e2e (e2e.csv: digits and resnet18-shaped runs, compile included), peers (peers.csv), memory (state-bytes.csv: state bytes per parameter in each precision mode; peak-memory.csv: a CharLM training step), precision (precision.csv: fused steps in each precision mode beside fp32 and torch AdamW on bf16 weights) (default: step)')
     bn.add_argument('--out', default='fastopt-results', help='folder for the CSV files (default: fastopt-results)')
     rg = sub.add_parser('regret', help="AMSGrad's counterexample: fastopt's Adam and AMSGrad on the paper's synthetic problem")
     rg.add_argument('--steps', type=int, default=10**6, help='steps T (default: 1000000)')
