@@ -40,7 +40,7 @@ def test_mistakes_are_refused_before_torch(tmp_path):
         (['compare', '--csv', 'x.csv'], "fastopt compare: error: Give both --csv and --target, or neither"),
         (['bench', '--opt', 'Lion'], "fastopt bench: error: Unknown optimizer: 'Lion' (known: Adam, "),
         (['bench', '--sets', 'resnet50'], "fastopt bench: error: Unknown parameter set: 'resnet50' (known: resnet18, transformer, many)"),
-        (['bench', '--what', 'speed'], "fastopt bench: error: Unknown --what: 'speed' (known: step, compile, e2e, peers)"),
+        (['bench', '--what', 'speed'], "fastopt bench: error: Unknown --what: 'speed' (known: step, compile, e2e, peers, memory, precision)"),
         (['bench', '--steps', '0'], "fastopt bench: error: Invalid steps: 0 (expected a positive integer)"),
         (['bench', '--out', str(afile)], f"fastopt bench: error: Output folder {str(afile)!r} is a file"),
         (['regret', '--steps', '0'], "fastopt regret: error: Invalid steps: 0 (expected a positive integer)"),
