@@ -44,13 +44,28 @@ def run(name, modes, mesh=None):
         res.append(dict(p=full(p.detach()), state=st))
     return res
 
+def refused_checkpoint() -> str:
+    "What `sharded_state_dict` says of 8-bit state on a `fully_shard`ed model (its scales are per rank, which a DCP checkpoint cannot hold)"
+    import fastopt
+    from torch.distributed.fsdp import fully_shard
+    from fastopt.sharding import sharded_state_dict
+    model = fully_shard(torch.nn.Linear(64, 96))
+    opt = fastopt.Adam(model.parameters(), lr=1e-2, state_dtype='8bit', fused=False)
+    model(torch.randn(3, 64)).sum().backward()
+    opt.step()
+    try: sharded_state_dict(model, opt)
+    except NotImplementedError as e: return str(e)
+    return 'saved'
+
 def _worker(rank, world, out):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f"file://{out}/store", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     try:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh('cpu', (world,))
-        try: res = {f'{n} {m}': run(n, m, mesh) for n,m in CASES}
+        try:
+            res = {f'{n} {m}': run(n, m, mesh) for n,m in CASES}
+            res['ckpt'] = refused_checkpoint()
         except BaseException: res = dict(error=traceback.format_exc())
         torch.save(res, os.path.join(out, f'rank{rank}.pt'))
     finally: dist.destroy_process_group()
@@ -84,3 +99,8 @@ def test_sharded_modes_equal_one_process(sharded, name, modes):
                 x,y = a['state'][k].float(),b['state'][k].float()
                 if exact: assert torch.equal(x, y), f"rank {rank}, parameter {i}: {k} differs"
                 else: assert ((x - y).abs() <= x.abs().max() / 8 + 1e-30).all(), f"rank {rank}, parameter {i}: {k} beyond 8-bit error"
+
+def test_sharded_8bit_checkpoint_refused(sharded):
+    "Saving 8-bit state of sharded parameters with torch.distributed.checkpoint is refused with a message, not done wrong"
+    for rank in range(2):
+        assert "8-bit state ('grad_avg' of weight) of a sharded parameter cannot be saved" in sharded[rank]['ckpt'], sharded[rank]['ckpt']
