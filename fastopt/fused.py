@@ -97,7 +97,7 @@ def _kind(k, v, p:Tensor):
     if isinstance(v, Tensor):
         if not _plain_tensor(v) or v.device != p.device or not v.is_floating_point(): return None
         if v.ndim == 0: return ('scalar', v.dtype)
-        if v.shape == p.shape: return ('elem', v.dtype) if _stored_dtype(v.dtype, p) and v.stride() == p.stride() else None
+        if v.shape == p.shape: return ('elem', v.dtype) if _stored_dtype(v.dtype, p) else None
         if p.ndim >= 2 and v.shape == (p.shape[0],) + (1,) * (p.ndim - 1): return ('channel', v.dtype)
         return None
     if v is None or isinstance(v, (bool, int, float, str)): return ('static', v)
