@@ -254,7 +254,8 @@ class Optimizer(fastai.optimizer.Optimizer):
     def _positions(self) -> dict:
         "Each parameter's position in the optimizer, by id (stochastic rounding draws its bits by it)"
         pos = self.__dict__.get('_pos')
-        if pos is None: pos = self._pos = {id(p): i for i,p in enumerate(self._all_params())}
+        if pos is None or len(pos) != sum(map(len, self.param_lists)):   # a group added since (fastopt.optim's add_param_group)
+            pos = self._pos = {id(p): i for i,p in enumerate(self._all_params())}
         return pos
 
     @torch.no_grad()

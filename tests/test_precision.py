@@ -209,3 +209,15 @@ def test_kit_checks_every_mode():
     def FlatMomentum(params, lr, mom=0.9, fused=False): return Optimizer(params, [flat_avg, flat_step], lr=lr, mom=mom, fused=fused)
     with pytest.raises(OptimizerCheckFailed, match=r"8bit:state_precision.*has the parameter's 24 values in shape \(24,\), not \(3, 2, 2, 2\)"):
         check_optimizer(FlatMomentum, modes=['8bit'], fused=False, learner=False)
+
+def test_group_added_later_steps_in_low_precision():
+    "A parameter group added after the first step (fastopt.optim's add_param_group) steps with its own stochastic-rounding position"
+    import fastopt.optim as fo
+    w,v = make(torch.bfloat16)[:2]
+    opt = fo.AdamW([w], lr=1e-2, stochastic_round=True)
+    w.grad = torch.randn_like(w); opt.step()
+    opt.add_param_group({'params': [v]})
+    before = v.detach().clone()
+    for p in (w, v): p.grad = torch.randn_like(p)
+    opt.step()
+    assert not torch.equal(v, before) and opt.state[v]['round_count'] == 1
