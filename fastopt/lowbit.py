@@ -15,57 +15,60 @@ __all__ = ['QBLOCK', 'low_precision', 'code_values', 'quantize_rows', 'dequantiz
 QBLOCK = 64  # values per quantization block: one row of the fused path's flat layout (`flat.BLOCK` equals it), so a block never spans two tensors
 
 _formats = {True: (3, 4), False: (5, 3)}  # signed blocks: a sign bit, 3 exponent and 4 mantissa bits; never-negative blocks: 5 and 3
+_NEG = 2. ** -11  # a negative value at or beyond this fraction of its block's scale rounds to a negative code
 
-def _top(e:int, m:int) -> float: return 2 - 2 ** -m   # the largest magnitude: the top binade is [1, 2)
+def _constants(s:Tensor) -> dict:
+    "Each row's format constants from `s`, a float32 column of 1 for signed rows and 0 for unsigned ones, so that every row runs the same operations"
+    si = s.to(torch.int32)
+    return dict(top=1.875 + 0.0625 * s,                          # the largest magnitude, 2 - 2^-m
+                normal=torch.where(s > 0, 2. ** -6, 2. ** -30),  # the smallest normal magnitude, 2^(1 - bias)
+                sub=8. + 8. * s,                                 # the number of subnormal codes, 2^m
+                shift=20 - si,                                   # 23 - m: the float32 mantissa bits the format drops
+                exp=96 + 24 * si)                                # 127 - bias: float32's exponent of the format's exponent 0
 
-def _encode_magnitude(a:Tensor, e:int, m:int) -> Tensor:
-    "int32 codes of magnitudes `a` (float32, 0 ≤ a < 2) in a float format of `e` exponent bits (bias 2^e - 1, subnormals) and `m` mantissa bits, rounded to nearest; above the largest value, the largest"
-    bias = 2 ** e - 1
-    a = a.clamp_max(_top(e, m))
-    normal = ((a.view(torch.int32) + (1 << (22 - m))) >> (23 - m)) - ((127 - bias) << m)   # the mantissa rounded to m bits; a carry moves into the exponent
-    sub = torch.round(a * 2. ** (bias - 1 + m)).to(torch.int32)   # below the smallest normal value: multiples of its 2^-m
-    return torch.where(a < 2. ** (1 - bias), sub, normal)
+def _encode(xs:Tensor, s:Tensor) -> Tensor:
+    "Float32 codes (0-255) of values `xs`, already divided by their row's scale, in each row's format (`s` as in `_constants`)"
+    k = _constants(s)
+    a = torch.minimum(torch.maximum(xs, -xs * s), k['top'])   # the magnitude in a signed row; in an unsigned one, the negative values (all under `_NEG`) give 0
+    small = a < k['normal']
+    a = torch.where(small, a + k['normal'], a)   # a subnormal magnitude moved into the lowest normal binade, where it rounds like a normal one
+    code = ((a.view(torch.int32) + (1 << (k['shift'] - 1))) >> k['shift']) - (k['exp'] << (23 - k['shift']))   # the mantissa rounded to m bits; a carry moves into the exponent
+    return code.float() - torch.where(small, k['sub'], 0.) + torch.where(xs <= -_NEG, 128., 0.)
 
-def _decode_magnitude(code:Tensor, e:int, m:int) -> Tensor:
-    "The float32 magnitudes that int32 codes stand for in the format of `_encode_magnitude`"
-    bias = 2 ** e - 1
-    ex,man = code >> m,code & (2 ** m - 1)
-    normal = ((ex + (127 - bias)) << 23 | man << (23 - m)).view(torch.float32)
-    return torch.where(ex == 0, man.float() * 2. ** (1 - bias - m), normal)
-
-def _decode(code:Tensor, signed) -> Tensor:
-    "The values of int32 `code`s in the signed format (the top bit is the sign) where `signed`, else in the unsigned one"
-    s = _decode_magnitude(code & 127, *_formats[True])
-    s = torch.where(code >= 128, -s, s)
-    if signed is True: return s
-    u = _decode_magnitude(code, *_formats[False])
-    return u if signed is False else torch.where(signed, s, u)
+def _decode(cf:Tensor, s:Tensor) -> Tensor:
+    "The values, in units of their row's scale, of float32 codes `cf` (0-255) in each row's format (`s` as in `_constants`)"
+    k = _constants(s)
+    neg = cf >= 256. - 128. * s
+    mag = torch.where(neg, cf - 128., cf)
+    v = ((mag.to(torch.int32) << k['shift']) + (k['exp'] << 23)).view(torch.float32)   # exponent 0 read as a normal number: 2^-bias (1 + f) ...
+    v = torch.where(mag < k['sub'], 2 * v - k['normal'], v)   # ... which maps exactly to the subnormal 2^(1-bias) f
+    return torch.where(neg, -v, v)
 
 def code_values(
     signed:bool, # The signed format (a sign bit, 3 exponent bits, 4 mantissa bits) or the unsigned one (5 and 3)
 ) -> Tensor:
     "The values the 8-bit codes 0-255 stand for, in units of their block's power-of-two scale"
-    return _decode(torch.arange(256, dtype=torch.int32), signed)
+    return _decode(torch.arange(256.), torch.tensor(float(signed)))
 
 # %% ../nbs/00f_lowbit.ipynb #fe80640e
 def quantize_rows(
     x:Tensor, # `[n, QBLOCK]` float values, one quantization block a row (zeros where a row is padding)
 ) -> tuple:
-    "8-bit codes `[n, QBLOCK]` (uint8) and per-row scales `[n, 1]` (bfloat16): the power of two at or below the row's largest magnitude, negative for a row with no negative value (which uses the unsigned format)"
+    "8-bit codes `[n, QBLOCK]` (uint8) and per-row scales `[n, 1]` (bfloat16): the power of two at or below the row's largest magnitude, negative for a row in the unsigned format (no value that rounds to a negative code)"
     x = x.float()
-    unit = (x.abs().amax(1, keepdim=True).view(torch.int32) & 0x7F800000).view(torch.float32)   # 2^floor(log2(absmax)): exact, so that every division below is
-    signed = x.amin(1, keepdim=True) < 0
-    a = torch.where(unit > 0, x.abs() / unit, 0.)
-    code = torch.where(signed, _encode_magnitude(a, *_formats[True]) | torch.where(x < 0, 128, 0), _encode_magnitude(a, *_formats[False]))
+    unit = (x.abs().amax(1, keepdim=True).view(torch.int32) & 0x7F800000).view(torch.float32)   # 2^floor(log2(absmax)): exact, so that dividing by it is
+    xs = x * torch.where(unit > 0, 1 / unit, 0.)
+    s = (xs.amin(1, keepdim=True) <= -_NEG).float()
     scale = unit.to(torch.bfloat16)
-    return code.to(torch.uint8), torch.where(signed, scale, -scale)
+    return _encode(xs, s).to(torch.uint8), torch.where(s > 0, scale, -scale)
 
 def dequantize_rows(
     codes:Tensor, # `[n, QBLOCK]` uint8 codes from `quantize_rows`
     scale:Tensor, # `[n, 1]` their scales
 ) -> Tensor:
     "The float32 values `codes` stand for"
-    return _decode(codes.to(torch.int32), ~torch.signbit(scale)) * scale.float().abs()
+    sc = scale.float()
+    return _decode(codes.float(), (sc >= 0).float()) * sc.abs()
 
 # %% ../nbs/00f_lowbit.ipynb #f7004744
 def _memory_order(x:Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
-from .precision import is_quantized
+from .precision import is_quantized, quantize, dequantize, encode
 
 # %% auto #0
 __all__ = ['probe_shapes', 'reductions', 'local', 'count_collectives', 'step_collectives', 'sharded_state_dict',
@@ -97,9 +97,14 @@ def _param_names(model:nn.Module, opt) -> list:
                                  "was it created before `fully_shard` replaced the model's parameters?")
     return [names[id(p)] for p in opt._all_params()]
 
-def _kind(v:Tensor, p:Tensor) -> tuple:
-    "What a state tensor is, so that a load can make room for it: ('param',) shaped like `p`, or ('tensor', shape, dtype)"
+def _kind(v, p:Tensor) -> tuple:
+    "What a state value is, so that a load can make room for it: ('param',) shaped like `p`, ('8bit',) (saved as its bfloat16 values), or ('tensor', shape, dtype)"
+    if is_quantized(v): return ('8bit',)
     return ('param',) if v.shape == p.shape and v.dtype == p.dtype else ('tensor', tuple(v.shape), v.dtype)
+
+def _saved(v):
+    "A state value as a checkpoint holds it: 8-bit state as the bfloat16 values it stands for (exact: at most 5 significant bits), sharded like its codes"
+    return dequantize(v).to(torch.bfloat16) if is_quantized(v) else v
 
 def sharded_state_dict(
     model:nn.Module, # The model, sharded with `fully_shard` or not
@@ -107,25 +112,26 @@ def sharded_state_dict(
 ) -> dict:
     "Model and optimizer state keyed by parameter name, DTensors left sharded: what `torch.distributed.checkpoint` saves"
     names,sd = _param_names(model, opt),opt.state_dict()
-    for n,p,s in zip(names, opt._all_params(), sd['state']):
-        q = [k for k,v in s.items() if is_quantized(v)]
-        if q and isinstance(p, DTensor):   # each rank's blocks start at its shard: the scales are per rank, which a checkpoint's global layout cannot hold
-            raise NotImplementedError(f"8-bit state ({q[0]!r} of {n}) of a sharded parameter cannot be saved with torch.distributed.checkpoint: "
-                                      "save each rank's `opt.state_dict()` with torch.save, or keep state_dtype=torch.bfloat16 for sharded runs")
-    tensors = {n: {k: v for k,v in s.items() if isinstance(v, Tensor)} for n,s in zip(names, sd['state'])}
+    tensors = {n: {k: _saved(v) for k,v in s.items() if isinstance(v, Tensor) or is_quantized(v)} for n,s in zip(names, sd['state'])}
     meta = dict(hypers=sd['hypers'], cbs=sd['cbs'], stepped=[names[i] for i in sd['stepped']],
-                values={n: {k: v for k,v in s.items() if not isinstance(v, Tensor)} for n,s in zip(names, sd['state'])},
-                kinds={n: {k: _kind(v, p) for k,v in tensors[n].items()} for n,p in zip(names, opt._all_params())})
+                values={n: {k: v for k,v in s.items() if not (isinstance(v, Tensor) or is_quantized(v))} for n,s in zip(names, sd['state'])},
+                kinds={n: {k: _kind(v, p) for k,v in s.items() if k in tensors[n]} for n,p,s in zip(names, opt._all_params(), sd['state'])})
     return {'model': model.state_dict(), 'optim': tensors, 'optim_meta': (meta,)}   # a tuple: DCP saves it whole, as one object
 
 # %% ../nbs/08_sharding.ipynb #932d12af
 def _room(kind:tuple, p:Tensor) -> Tensor:
     "A tensor shaped as `kind` says and sharded like parameter `p`, for a load to write into"
     if kind[0] == 'param': return torch.zeros_like(p)
+    if kind[0] == '8bit': return torch.zeros_like(p, dtype=torch.bfloat16)
     shape,dtype = kind[1:]
     if isinstance(p, DTensor) and len(shape) == p.ndim and shape[0] == p.shape[0]:   # a value per output channel: sharded with them
         return distribute_tensor(torch.zeros(shape, dtype=dtype, device=local(p).device), p.device_mesh, p.placements)
     return torch.zeros(shape, dtype=dtype, device=local(p).device)
+
+def _restored(v:Tensor, p:Tensor, opt):
+    "Saved 8-bit state `v` (bfloat16 values) stored as `opt` stores `p`'s state: 8-bit codes again, or a float tensor if it keeps another precision"
+    s = opt.precision.storage(p)
+    return quantize(v.float()) if s == '8bit' else v.to(s or p.dtype)
 
 def _no_dist() -> bool: return not (dist.is_available() and dist.is_initialized())
 
@@ -146,6 +152,9 @@ def load_sharded_state_dict(
     sd = {'model': model.state_dict(), 'optim': {n: {k: _room(kd, by_name[n]) for k,kd in ks.items()} for n,ks in meta['kinds'].items()}}
     dcp.load(sd, checkpoint_id=path, no_dist=_no_dist())
     model.load_state_dict(sd['model'])
+    for n,ks in meta['kinds'].items():   # 8-bit state quantized again in this run's blocks: the same codes where the shards are the same
+        for k,kd in ks.items():
+            if kd[0] == '8bit': sd['optim'][n][k] = _restored(sd['optim'][n][k], by_name[n], opt)
     pos = {n: i for i,n in enumerate(names)}
     opt.load_state_dict({'state': [{**meta['values'][n], **sd['optim'][n]} for n in names], 'hypers': meta['hypers'],
                          'cbs': meta['cbs'], 'stepped': [pos[n] for n in meta['stepped']]})

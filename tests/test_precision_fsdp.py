@@ -44,18 +44,50 @@ def run(name, modes, mesh=None):
         res.append(dict(p=full(p.detach()), state=st))
     return res
 
-def refused_checkpoint() -> str:
-    "What `sharded_state_dict` says of 8-bit state on a `fully_shard`ed model (its scales are per rank, which a DCP checkpoint cannot hold)"
+def _ckpt_model():
+    "A model whose 8-bit weights' shards start on a block boundary (64×96: 32 rows of 96 a rank) and inside a block (7×1000: rank 1 starts 62.5 blocks in)"
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(1000, 7), torch.nn.ReLU(), torch.nn.Linear(7, 96), torch.nn.ReLU(), torch.nn.Linear(96, 64))
+
+def _ckpt_state(opt) -> list:
+    "Each parameter's state: 8-bit codes and scales of this rank, and every value as a full float32 tensor"
+    import fastopt.precision as P
+    full = lambda t: t.full_tensor() if hasattr(t, 'full_tensor') else t
+    out = []
+    for p in opt._all_params():
+        st = {}
+        for k,v in opt.state[p].items():
+            if P.is_quantized(v): st[k] = dict(codes=v['codes'].to_local().clone(), scale=v['scale'].clone(), values=full(P.dequantize(v)))
+            elif isinstance(v, torch.Tensor) and v.ndim: st[k] = dict(values=full(v).float())
+        out.append(st)
+    return out
+
+def checkpoint_roundtrip(path) -> dict:
+    "Step a `fully_shard`ed model with 8-bit Adam state, save it with torch.distributed.checkpoint, load it into a fresh model and optimizer; both states, and the weights after one more step of each"
     import fastopt
     from torch.distributed.fsdp import fully_shard
-    from fastopt.sharding import sharded_state_dict
-    model = fully_shard(torch.nn.Linear(64, 96))
+    from fastopt.sharding import sharded_state_dict, load_sharded_state_dict
+    import torch.distributed.checkpoint as dcp
+    def make():
+        model = _ckpt_model()
+        for m in model:
+            if isinstance(m, torch.nn.Linear): fully_shard(m)
+        return fully_shard(model), None
+    def step(model, opt, seed):
+        torch.manual_seed(seed)
+        model(torch.randn(5, 1000)).square().mean().backward()
+        opt.step(); opt.zero_grad()
+    model,_ = make()
     opt = fastopt.Adam(model.parameters(), lr=1e-2, state_dtype='8bit', fused=False)
-    model(torch.randn(3, 64)).sum().backward()
-    opt.step()
-    try: sharded_state_dict(model, opt)
-    except NotImplementedError as e: return str(e)
-    return 'saved'
+    for s in range(2): step(model, opt, s)
+    dcp.save(sharded_state_dict(model, opt), checkpoint_id=path)
+    model2,_ = make()
+    opt2 = fastopt.Adam(model2.parameters(), lr=1e-2, state_dtype='8bit', fused=False)
+    load_sharded_state_dict(model2, opt2, path)
+    before,after = _ckpt_state(opt),_ckpt_state(opt2)
+    step(model, opt, 2); step(model2, opt2, 2)
+    full = lambda t: t.full_tensor() if hasattr(t, 'full_tensor') else t
+    return dict(before=before, after=after, weights=[full(p.detach()) for p in model.parameters()], weights2=[full(p.detach()) for p in model2.parameters()])
 
 def _worker(rank, world, out):
     torch.set_num_threads(1)
@@ -65,7 +97,8 @@ def _worker(rank, world, out):
         mesh = init_device_mesh('cpu', (world,))
         try:
             res = {f'{n} {m}': run(n, m, mesh) for n,m in CASES}
-            res['ckpt'] = refused_checkpoint()
+            res['ckpt'] = checkpoint_roundtrip(os.path.join(out, 'ckpt'))
+            res['ckpt_path'] = os.path.join(out, 'ckpt')
         except BaseException: res = dict(error=traceback.format_exc())
         torch.save(res, os.path.join(out, f'rank{rank}.pt'))
     finally: dist.destroy_process_group()
@@ -100,7 +133,32 @@ def test_sharded_modes_equal_one_process(sharded, name, modes):
                 if exact: assert torch.equal(x, y), f"rank {rank}, parameter {i}: {k} differs"
                 else: assert ((x - y).abs() <= x.abs().max() / 8 + 1e-30).all(), f"rank {rank}, parameter {i}: {k} beyond 8-bit error"
 
-def test_sharded_8bit_checkpoint_refused(sharded):
-    "Saving 8-bit state of sharded parameters with torch.distributed.checkpoint is refused with a message, not done wrong"
+def test_sharded_8bit_checkpoint_resumes_bit_identical(sharded):
+    "8-bit state saved with torch.distributed.checkpoint and loaded on the same ranks has the same codes and scales, and the next step gives the same weights"
     for rank in range(2):
-        assert "8-bit state ('grad_avg' of weight) of a sharded parameter cannot be saved" in sharded[rank]['ckpt'], sharded[rank]['ckpt']
+        d = sharded[rank]['ckpt']
+        n8 = 0
+        for i,(a,b) in enumerate(zip(d['before'], d['after'])):
+            assert a.keys() == b.keys(), f"rank {rank}, parameter {i}: state {sorted(a)} before, {sorted(b)} after"
+            for k in a:
+                for part in a[k]: assert torch.equal(a[k][part], b[k][part]), f"rank {rank}, parameter {i}: {k} {part} differs after the round trip"
+                n8 += 'codes' in a[k]
+        assert n8 == 4, f"rank {rank}: {n8} 8-bit state tensors (expected Adam's two for each of the two large weights)"
+        for i,(w,w2) in enumerate(zip(d['weights'], d['weights2'])): assert torch.equal(w, w2), f"rank {rank}, parameter {i}: weights differ a step after resuming"
+
+def test_sharded_8bit_checkpoint_loads_in_one_process(sharded, tmp_path_factory):
+    "The same checkpoint loaded without sharding: the same values where the shards started on a block boundary, within 8-bit error where a shard started inside a block"
+    import fastopt
+    from fastopt.sharding import load_sharded_state_dict
+    import fastopt.precision as P
+    model = _ckpt_model()
+    opt = fastopt.Adam(model.parameters(), lr=1e-2, state_dtype='8bit', fused=False)
+    load_sharded_state_dict(model, opt, sharded[0]['ckpt_path'])
+    for i,(p,ranks) in enumerate(zip(opt._all_params(), sharded[0]['ckpt']['before'])):
+        for k,want in ranks.items():
+            v = opt.state[p][k]
+            got = P.dequantize(v) if P.is_quantized(v) else v.float()
+            exact = tuple(p.shape) != (7, 1000)
+            if exact: assert torch.equal(got, want['values']), f"parameter {i} {tuple(p.shape)}: {k} differs"
+            else: assert ((got - want['values']).abs() <= want['values'].abs().max() / 8).all(), f"parameter {i}: {k} beyond 8-bit error"
+            assert P.is_quantized(v) == ('codes' in want), f"parameter {i}: {k} stored differently"
