@@ -410,6 +410,14 @@ _layout_tensors = ('block_tensor', 'block_valid', 'tensor_ndim', 'tensor_first_b
 
 def _local(t:Tensor) -> Tensor: return t.to_local() if is_dtensor(t) else t
 
+def _stored_dtype(d, p:Tensor) -> bool:
+    "Whether element-wise state of dtype `d` can be a flat buffer beside `p`: `p`'s dtype, or a narrower one the step widens to its working dtype"
+    return d == p.dtype or d in low_precision or (p.dtype in low_precision and d == torch.float32)
+
+def _buffers(state:dict) -> list:
+    "The tensors of a bucket's flat state (an 8-bit state's codes and scales)"
+    return [t for v in state.values() for t in (v.values() if isinstance(v, dict) else [v])]
+
 def _check_dense_grad(p):
     "Refuse `p`'s gradient unless it is dense"
     if p.grad.layout != torch.strided: raise RuntimeError(f"fastopt optimizers do not support sparse gradients (parameter of shape {tuple(p.shape)}, gradient {p.grad.layout})")

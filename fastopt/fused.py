@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from fastai.optimizer import weight_decay, l2_reg
 from .flat import *
-from .flat import _dynamic_size, _plain_tensor, _dense, _layout_tensors, _local, _check_dense_grad
+from .flat import _dynamic_size, _plain_tensor, _dense, _layout_tensors, _local, _check_dense_grad, _stored_dtype, _buffers
 from .callbacks import _cb_attr, _cb_names
 from .lowbit import low_precision, position_key
 from .precision import is_quantized
@@ -83,10 +83,6 @@ flat_versions = {weight_decay: flat_weight_decay, l2_reg: flat_l2_reg}  # callba
 def _per_block_bools(cbs) -> set:
     "Constant state the flat step can take as one bool per block: `do_wd`, when only callbacks with a flat version read it"
     return set() if any('do_wd' in _cb_names(cb) for cb in cbs if cb not in flat_versions) else {'do_wd'}
-
-def _stored_dtype(d, p:Tensor) -> bool:
-    "Whether element-wise state of dtype `d` can be a flat buffer beside `p`: `p`'s dtype, or a narrower one the step widens to its working dtype"
-    return d == p.dtype or d in low_precision or (p.dtype in low_precision and d == torch.float32)
 
 def _kind(k, v, p:Tensor):
     "How state `v` of `p` goes into a flat layout: ('elem'|'scalar'|'channel'|'q8', dtype), ('static', v), or None if it cannot"
@@ -176,10 +172,6 @@ class _Bucket:
         if live != self._live: self._live,self._mask = live,_dynamic_size(self.layout.per_block(live, torch.float64) > 0)
         return self._mask
 
-def _buffers(state:dict) -> list:
-    "The tensors of a bucket's flat state (an 8-bit state's codes and scales)"
-    return [t for v in state.values() for t in (v.values() if isinstance(v, dict) else [v])]
-
 def _with_grads(params:list) -> list:
     "Those of `params` that have a gradient, refusing sparse ones"
     res = [p for p in params if p.grad is not None]
@@ -212,7 +204,7 @@ class _GroupLayouts:
         self.unfit = set()
         for p in params:
             if any(f(opt.state[p]) for f in shaped): sig = None
-            else: sig = _signature(p, opt.state[p], channels, bools, read) or (None if opt.precision.active(p) else _shard_signature(p, opt.state[p], channels, bools, read))   # low-precision shards step eagerly
+            else: sig = _signature(p, opt.state[p], channels, bools, read) or _shard_signature(p, opt.state[p], channels, bools, read)
             if sig is None: self.unfit.add(id(p))
             else: by.setdefault(sig, []).append(p)
         self.buckets = {}   # (signature..., chunk): a bucket; the chunks of one signature share one compiled graph

@@ -11,7 +11,7 @@ from .lowbit import *
 
 # %% auto #0
 __all__ = ['min_8bit_numel', 'is_quantized', 'quantize', 'dequantize', 'check_state_dtype', 'Precision', 'decode', 'encode',
-           'precise_step', 'state_nbytes']
+           'shard_offset', 'precise_step', 'state_nbytes']
 
 # %% ../nbs/00g_precision.ipynb #9e8e0380
 min_8bit_numel = 4096  # a parameter with fewer values (counted over all ranks) keeps its state in float32
@@ -113,15 +113,17 @@ def encode(v, p:Tensor, storage):
     return v.to(storage)
 
 # %% ../nbs/00g_precision.ipynb #f1eaa078
+def shard_offset(p:Tensor) -> int:
+    "The position in the whole parameter of the first value this rank holds of `p` (0 for a plain tensor)"
+    if not is_dtensor(p): return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape,offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return sum(o * s for o,s in zip(offset, p.stride()))
+
 def _global_index(p:Tensor) -> Tensor:
     "Each of `p`'s (local) values' position in the whole parameter, in memory order, as `p`'s shape (int64)"
     loc = _local(p)
-    off = 0
-    if is_dtensor(p):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-        shape,offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        off = sum(o * s for o,s in zip(offset, p.stride()))
-    idx = torch.arange(loc.numel(), dtype=torch.int64, device=loc.device) + off
+    idx = torch.arange(loc.numel(), dtype=torch.int64, device=loc.device) + shard_offset(p)
     return unrows(rows(idx), loc) if loc.ndim else idx[0]
 
 def precise_step(

@@ -7,8 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from .flat import *
-from .flat import _dynamic_size, _plain_tensor, _dense, _layout_tensors, _local, _check_dense_grad
+from .flat import _dynamic_size, _plain_tensor, _dense, _layout_tensors, _local, _check_dense_grad, _stored_dtype, _buffers
 from .callbacks import _cb_names
+from .lowbit import position_key
+from .precision import is_quantized, shard_offset
 
 # %% auto #0
 __all__ = []
@@ -27,8 +29,13 @@ def _shard_signature(p:Tensor, state:dict, channels:bool, bools:set, read:set):
     kinds = []
     for k,v in sorted(state.items()):
         if k in bools and isinstance(v, bool): continue
-        if is_dtensor(v):
-            if v.shape == p.shape and v.dtype == p.dtype and v.placements == p.placements: kinds.append((k, 'elem', v.dtype))
+        if is_quantized(v):   # 8-bit state: codes sharded like `p`, a scale per block of this rank's shard
+            c,s = v['codes'],v['scale']
+            if not (is_dtensor(c) and c.shape == p.shape and c.placements == p.placements and c.dtype == torch.uint8 and _plain_tensor(s)
+                    and s.shape == (-(-p._local_tensor.numel() // BLOCK),) and s.dtype == torch.bfloat16): return None
+            kinds.append((k, 'q8', torch.uint8))
+        elif is_dtensor(v):
+            if v.shape == p.shape and _stored_dtype(v.dtype, p) and v.placements == p.placements: kinds.append((k, 'elem', v.dtype))
             elif v.ndim == 0 and all(pl.is_replicate() for pl in v.placements) and v.is_floating_point(): kinds.append((k, 'scalar', v.dtype))
             else: return None
         elif isinstance(v, Tensor):
@@ -51,13 +58,18 @@ class _ShardBucket:
         self.per_tensor = tuple(k for k,kind,x in kinds if kind == 'scalar')
         for k,kind,x in kinds:
             if kind == 'static': self.statics[k] = x
+            elif kind == 'q8': self.state[k] = {'codes': lay.empty(torch.uint8), 'scale': lay.empty(torch.bfloat16, per_block=True)}
             else: self.state[k] = lay.empty(x, per_block=kind == 'scalar')
         self.bools = {k: [opt.state[p].get(k, True) for p in params] for k in bools}
         for k,vs in self.bools.items(): self.statics[k] = _dynamic_size(lay.per_block(vs, torch.float64) > 0)
         self.read = set().union(*map(_cb_names, opt.cbs))   # the names the callbacks read: fixed while this layout lives (`prepend_cb` forgets it)
         self.sigs = [_shard_signature(p, opt.state[p], False, bools, self.read) for p in params]
         self._live,self.rounding = None,None
-        _dynamic_size(self.p, self.g, *self.state.values(), *(getattr(lay, k) for k in _layout_tensors))
+        if 'round_count' in self.state:   # stochastic rounding: each block's key, and its first value's index in the whole parameter
+            pos = opt._positions()
+            keys = [position_key(opt.precision.seed, pos[id(p)]) for p in params]
+            self.rounding = (lay.per_block(keys, torch.int64), lay.block_offsets() + lay.per_block(list(map(shard_offset, params)), torch.int64))
+        _dynamic_size(self.p, self.g, *_buffers(self.state), *(self.rounding or ()), *(getattr(lay, k) for k in _layout_tensors))
 
     def valid(self) -> bool:
         "Whether the parameters' state still has the kinds the flat buffers were laid out for"
@@ -80,6 +92,9 @@ class _ShardBucket:
         for k,kind,x in self.kinds:
             if kind == 'elem':
                 for v,p in zip(lay.views(self.state[k]), params): v.copy_(_local(self.opt.state[p][k]))
+            elif kind == 'q8':
+                for v,p in zip(lay.views(self.state[k]['codes']), params): v.copy_(_local(self.opt.state[p][k]['codes']))
+                for v,p in zip(lay.block_views(self.state[k]['scale']), params): v.copy_(self.opt.state[p][k]['scale'])
             elif kind == 'scalar': self.state[k].copy_(lay.per_block([_local(self.opt.state[p][k]) for p in params], x))
         if live != self._live: self._live,self._mask = live,_dynamic_size(lay.per_block(live, torch.float64) > 0)
         return self._mask
@@ -96,5 +111,8 @@ class _ShardBucket:
         for k,kind,x in self.kinds:
             if kind == 'elem':
                 for v,p in zip(lay.views(self.state[k]), self.params): _local(self.opt.state[p][k]).copy_(v)
+            elif kind == 'q8':
+                for v,p in zip(lay.views(self.state[k]['codes']), self.params): _local(self.opt.state[p][k]['codes']).copy_(v)
+                for v,p in zip(lay.block_views(self.state[k]['scale']), self.params): self.opt.state[p][k]['scale'].copy_(v)
             elif kind == 'scalar':
                 for v,p in zip(lay.scalar_views(self.state[k]), self.params): _local(self.opt.state[p][k]).copy_(v)

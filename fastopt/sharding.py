@@ -79,7 +79,7 @@ def count_collectives():
     res.update({str(op).split('.')[-1]: n for op,n in mode.get_comm_counts().items()})
 
 def step_collectives(
-    opt, # A fastopt `Optimizer`; DTensor parameters step eagerly, so `fused` changes nothing for them
+    opt, # A fastopt `Optimizer`, fused or not
 ) -> list:
     "Step `opt` once, group by group, and return the collectives each group's step issued: one `Counter` per group"
     res = []

@@ -1,5 +1,5 @@
 """Low-precision modes on sharded (DTensor, `Shard(0)`) parameters, 2 gloo ranks, against one process on the same
-gradients. Shards are uneven (7 rows split 4/3). Bit-exact where the math is elementwise and blocks agree:
+gradients, eager and fused (each rank's shards in flat buffers, one compiled graph). Shards are uneven (7 rows split 4/3). Bit-exact where the math is elementwise and blocks agree:
 bf16 weights with Kahan compensation or stochastic rounding (the random bits depend on each value's position in the
 whole parameter, not in the shard), and 8-bit state of a parameter whose shards start on a 64-value block boundary
 (96×64: 48 rows of 64 each). Where a shard starts inside a block (7×1000: rank 1 starts at value 4000, 62.5 blocks in),
@@ -15,6 +15,7 @@ from spawning import start, join_or_fail
 
 SHAPES = [(96, 64), (7, 1000), (12,)]
 CASES = [('Adam', dict()), ('Adam', dict(stochastic_round=True)), ('Adam', dict(state_dtype='8bit')), ('Lamb', dict(state_dtype='8bit'))]
+CASES = [(n, {**m, 'fused': f}) for f in (False, True) for n,m in CASES]   # fused: dynamo's graph run by aot_eager (inductor's code is checked in test_precision)
 STEPS = 3
 
 def problem():
@@ -33,15 +34,17 @@ def run(name, modes, mesh=None):
         ps = [torch.nn.Parameter(distribute_tensor(p, mesh, [Shard(0)])) for p in ps]
         gs = [[distribute_tensor(x, mesh, [Shard(0)]) for x in g] for g in gs]
     else: ps = [torch.nn.Parameter(p) for p in ps]
-    opt = getattr(fastopt, name)(ps, lr=1e-2, fused=False, **modes)
+    opt = getattr(fastopt, name)(ps, lr=1e-2, **modes)
+    opt.fused_backend = 'aot_eager'
     for g in gs:
         for p,x in zip(ps, g): p.grad = x
         opt.step()
     full = lambda t: t.full_tensor() if hasattr(t, 'full_tensor') else t
     res = []
+    flat = [b for f in opt._flat.values() for b in f.buckets.values()]
     for p in ps:
         st = {k: full(dequantize(v) if is_quantized(v) else v) for k,v in opt.state[p].items() if k != 'step'}
-        res.append(dict(p=full(p.detach()), state=st))
+        res.append(dict(p=full(p.detach()), state=st, fused=opt.fused is not False and any(any(q is p for q in b.params) for b in flat)))   # no fallback to eager
     return res
 
 def _ckpt_model():
@@ -118,6 +121,7 @@ def test_sharded_modes_equal_one_process(sharded, name, modes):
     for rank in range(2):
         got = sharded[rank][f'{name} {modes}']
         for i,(a,b) in enumerate(zip(one, got)):
+            assert a['fused'] == b['fused'] == modes['fused'], f"rank {rank}, parameter {i}: stepped {'fused' if b['fused'] else 'eagerly'}, one process {'fused' if a['fused'] else 'eagerly'}"
             exact = name != 'Lamb' and not (modes.get('state_dtype') == '8bit' and SHAPES[i] == (7, 1000))
             if exact: assert torch.equal(a['p'], b['p']), f"rank {rank}, parameter {i}: weights differ"
             else:
