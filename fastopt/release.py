@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_flatten
 from fastai.callback.core import Callback
 from .core import group_step
-from .flat import is_dtensor
+from .flat import is_dtensor, write_back_state
 
 # %% auto #0
 __all__ = ['known_release_safe', 'step_param', 'ReleasedGradients', 'release_gradients', 'GradientRelease', 'TensorMemory',
@@ -25,12 +25,23 @@ def step_param(
     opt, # A fastopt `Optimizer`
     p:Tensor, # One of its parameters, holding a dense gradient
     group:int, # Index of `p`'s parameter group in `opt.param_lists`
+    update:bool=True, # False: optimizer accumulation, the state takes the gradient in and the weight stays as it is
 ):
     "Step `p` alone, eagerly, with its group's hypers as they are now: what `Optimizer.step_group` does to each parameter of an eager group"
     if p.grad.layout != torch.strided:
         raise RuntimeError(f"fastopt optimizers do not support sparse gradients (parameter of shape {tuple(p.shape)}, gradient {p.grad.layout})")
-    opt._run(group_step, [p], opt.hypers[group])
+    if update: opt._run(group_step, [p], opt.hypers[group])
+    else: _accumulate(opt, p, group)
     opt._seen.add(id(p))
+
+@torch.no_grad()
+def _accumulate(opt, p:Tensor, group:int):
+    "Run `opt`'s stats and steppers for `p` on a copy of its weight and keep the new state, less what a write-back keeps (Kahan compensation, rounding count): the weight stays as it is"
+    w = p.detach().clone()
+    w.grad = p.grad
+    old = opt.state[p]
+    new, = group_step(opt.cbs, [w], [old], opt.hypers[group], opt.precision, {id(w): opt._positions()[id(p)]})
+    opt.state[p] = {**{k: v for k,v in new.items() if k not in write_back_state}, **{k: old[k] for k in write_back_state if k in old}}
 
 # %% ../nbs/13_gradient_release.ipynb #327dc10f
 known_release_safe = {'fastopt.benchmark.RunWatch'}   # callbacks with `before_step` or `after_backward` that read no gradient there
@@ -42,7 +53,8 @@ def _refusal(cb) -> str|None:
     name = type(cb).__name__
     if isinstance(cb, GradientRelease): return None
     if isinstance(cb, GradientAccumulation):
-        return f"{name}: it adds up several batches' gradients before one step, but each gradient is stepped and freed during its own backward"
+        return (f"{name}: it adds up several batches' gradients before one step, but each gradient is stepped and freed during its own backward "
+                "(GradientRelease(accumulate=n) adds them up in the optimizer state instead: optimizer accumulation)")
     if isinstance(cb, GradientClip):
         return f"{name}: it clips the norm of all the gradients together before the step, but they are stepped and freed one at a time during backward"
     if isinstance(cb, MixedPrecision):
@@ -77,6 +89,7 @@ class ReleasedGradients:
         _check_optimizer(opt)
         if opt in _handles: raise RuntimeError("this optimizer's gradients are already released: remove() that handle first")
         self.opt,self.once_per_batch,self._stepped = opt,False,set()
+        self.accumulate = False   # optimizer accumulation: True while a batch's gradients should go into the state only
         self.hooks = [p.register_post_accumulate_grad_hook(partial(self._step, i))
                       for i,pg in enumerate(opt.param_lists) for p in pg if p.requires_grad]
         self.fused,opt.fused = opt.fused,False   # while released, `opt.step()` steps leftovers eagerly and builds no flat buffers
@@ -92,7 +105,7 @@ class ReleasedGradients:
             self._stepped.add(id(p))
         if getattr(self.opt, 'train_mode', True) is False:
             raise RuntimeError(f"{type(self.opt).__name__} is in eval mode (its parameters hold the averaged weights): call opt.train() before training")
-        step_param(self.opt, p, group)
+        step_param(self.opt, p, group, update=not self.accumulate)
         p.grad = None
 
     def new_batch(self):
@@ -123,6 +136,12 @@ def release_gradients(
 class GradientRelease(Callback):
     "Step each parameter inside backward as soon as its gradient is complete, and free the gradient (see `release_gradients`)"
     handle = None
+    def __init__(self,
+        accumulate:int=1, # Optimizer accumulation: the weights step on every `accumulate`-th batch (and an epoch's last), the other batches' gradients go into the state only
+    ):
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"Invalid accumulate: {accumulate!r} (expected a whole number of batches, 1 or more)")
+        self.accumulate = accumulate
 
     def before_fit(self):
         self._remove()   # a fit that ended in an exception never reached after_fit
@@ -133,7 +152,10 @@ class GradientRelease(Callback):
         self.handle.once_per_batch = True
 
     def before_batch(self):
-        if self.handle is not None: self.handle.new_batch()
+        if self.handle is None: return
+        self.handle.new_batch()
+        n,i = self.accumulate,self.learn.iter + 1
+        self.handle.accumulate = i % n != 0 and i != self.learn.n_iter
 
     def after_fit(self): self._remove()
 

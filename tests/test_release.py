@@ -279,3 +279,65 @@ def test_fsdp2_steps_through_the_hook_and_ddp_is_refused(tmp_path):
             normal,released = res[name]
             for i,(a,b) in enumerate(zip(normal, released)):
                 assert torch.equal(a, b), f"{name}, rank {rank}, parameter {i}: max |difference| {(a - b).abs().max().item():.3g}"
+
+def _accumulating_run(which, dtype=torch.float64, rounds=3, n=3, **kw):
+    "Weights after `rounds` of `n` batches each, released, every `n`-th stepping the weights and the others accumulated into the state (optimizer accumulation); fastopt's or optimi's Adam"
+    import optimi
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+    if which == 'fastopt':
+        opt = fastopt.Adam(model.parameters(), lr=1e-2, mom=0.9, sqr_mom=0.99, eps=1e-8, wd=0., **kw)
+        handle = release_gradients(opt)
+    else:
+        opt = optimi.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0., gradient_release=True, **kw)
+        optimi.prepare_for_gradient_release(model, opt)
+        handle = None
+    g = torch.Generator().manual_seed(1)
+    for i in range(rounds * n):
+        acc = (i + 1) % n != 0
+        if which == 'fastopt': handle.accumulate = acc
+        else: opt.optimizer_accumulation = acc
+        before = [p.detach().clone() for p in model.parameters()]
+        x,y = torch.randn(8, 5, generator=g).to(dtype),torch.randn(8, 2, generator=g).to(dtype)
+        nn.functional.mse_loss(model(x).float(), y.float()).backward()
+        assert all(p.grad is None for p in model.parameters()), 'a released gradient was kept'
+        moved = [not torch.equal(p, q) for p,q in zip(model.parameters(), before)]
+        assert moved == [not acc] * len(moved), f"batch {i}: {'accumulating' if acc else 'stepping'}, the weights moved: {moved}"
+    return model, opt, handle
+
+def test_optimizer_accumulation_equals_optimi():
+    "Optimizer accumulation (optimi's `optimizer_accumulation`): an accumulating batch's gradient goes into the state and the weights stay; after three rounds of two such batches and a step, float64 weights equal optimi's Adam's to rounding"
+    pytest.importorskip('optimi')
+    (a,opt,_),(b,_,_) = _accumulating_run('fastopt'),_accumulating_run('optimi')
+    for p,q in zip(a.parameters(), b.parameters()): torch.testing.assert_close(p, q, rtol=0, atol=1e-13)
+    assert opt.state[next(a.parameters())]['step'] == 9   # every batch counts as a step of the state
+
+def test_optimizer_accumulation_keeps_the_compensation():
+    "bf16 weights with Kahan compensation: an accumulating batch leaves the compensation as it is (the weights: checked in the run) while the state takes the gradient in; a stepping batch changes both"
+    a,opt,handle = _accumulating_run('fastopt', torch.bfloat16)
+    for accumulate in (True, False):
+        before = {id(p): {k: v.clone() for k,v in opt.state[p].items()} for p in a.parameters()}
+        handle.accumulate = accumulate
+        nn.functional.mse_loss(a(torch.randn(8, 5).bfloat16()).float(), torch.randn(8, 2)).backward()
+        for p in a.parameters():
+            st,old = opt.state[p],before[id(p)]
+            assert torch.equal(st['weight_comp'], old['weight_comp']) == accumulate, f"accumulate={accumulate}: the compensation {'changed' if accumulate else 'stayed'}"
+            assert not torch.equal(st['grad_avg'], old['grad_avg']) and st['step'] == old['step'] + 1, 'the state did not take the gradient in'
+    handle.remove()
+
+def test_learner_optimizer_accumulation():
+    "GradientRelease(accumulate=n) in a Learner: the weights step on every n-th batch and on an epoch's last; each batch counts as a step of the state; a bad n is refused where it is given"
+    from fastopt.digits import digits_learner
+    class Moves(Callback):
+        order = 100
+        def before_batch(self): self.w = next(self.learn.model.parameters()).detach().clone()
+        def after_batch(self):
+            if self.training: self.moved.append(not torch.equal(self.w, next(self.learn.model.parameters())))
+    moves = Moves(); moves.moved = []
+    learn = digits_learner(fastopt.Adam, cbs=[GradientRelease(accumulate=4), moves])
+    fit(learn, 1, 1e-2)
+    n = len(moves.moved)
+    assert n > 8 and moves.moved == [(i + 1) % 4 == 0 or i == n - 1 for i in range(n)]
+    assert learn.opt.state[next(learn.model.parameters())]['step'] == n
+    for bad in (0, 2.5, True, '4'):
+        with pytest.raises(ValueError, match=f"Invalid accumulate: {bad!r}"): GradientRelease(accumulate=bad)
