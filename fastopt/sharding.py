@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten
 from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
-from .precision import is_quantized, quantize, dequantize, encode
+from .precision import is_quantized, quantize, dequantize
 
 # %% auto #0
 __all__ = ['probe_shapes', 'reductions', 'local', 'count_collectives', 'step_collectives', 'sharded_state_dict',
@@ -103,7 +103,7 @@ def _kind(v, p:Tensor) -> tuple:
     return ('param',) if v.shape == p.shape and v.dtype == p.dtype else ('tensor', tuple(v.shape), v.dtype)
 
 def _saved(v):
-    "A state value as a checkpoint holds it: 8-bit state as the bfloat16 values it stands for (exact: at most 5 significant bits), sharded like its codes"
+    "A state value as a checkpoint holds it: 8-bit state as the bfloat16 values it stands for (exact above 2^-126: a code has at most 5 significant bits and its scale is a power of two), sharded like its codes"
     return dequantize(v).to(torch.bfloat16) if is_quantized(v) else v
 
 def sharded_state_dict(
