@@ -136,13 +136,13 @@ def _check_state_dict(opt, sd:dict):
 
 # %% ../nbs/00_core.ipynb #a06ffde9
 def group_step(cbs, params, states, hyper, precision:Precision|None=None, positions:dict|None=None):
-    "Run `cbs` on each of `params` with its state merged with `hyper`; return the new states (a parameter whose weight or state `precision` keeps in another dtype steps through float32 working copies, `precise_step`)"
-    res = []
-    for p,state in zip(params, states):
-        if precision is not None and precision.active(p): res.append(precise_step(cbs, p, state, hyper, precision, positions[id(p)])); continue
-        for cb in cbs: state = _update(state, cb(p, **{**state, **hyper}))
-        res.append(state)
-    return res
+    "Run `cbs` on each of `params` with its state in `states` (a dict from parameter to state) merged with `hyper`, storing its new state there before the next parameter steps (a parameter whose weight or state `precision` keeps in another dtype steps through float32 working copies, `precise_step`)"
+    for p in params:
+        state = states[p]
+        if precision is not None and precision.active(p): state = precise_step(cbs, p, state, hyper, precision, positions[id(p)])
+        else:
+            for cb in cbs: state = _update(state, cb(p, **{**state, **hyper}))
+        states[p] = state   # the old state goes now: a step that makes new state tensors holds one parameter's two states at once, not the group's
 
 # %% ../nbs/00_core.ipynb #5004be85
 class Optimizer(fastai.optimizer.Optimizer):
@@ -235,8 +235,7 @@ class Optimizer(fastai.optimizer.Optimizer):
             if live is not None: self._run_flat((group,) + key[:-1], b, hyper, live)
 
     @torch.no_grad()
-    def _run(self, fn, params, hyper):
-        for p,state in zip(params, fn(self.cbs, params, [self.state[p] for p in params], hyper, self.precision, self._positions())): self.state[p] = state
+    def _run(self, fn, params, hyper): fn(self.cbs, params, self.state, hyper, self.precision, self._positions())
 
     def set_precision(self,
         kahan_sum:bool|None=None, # See `Optimizer`

@@ -146,8 +146,10 @@ def precise_step(
         w.grad = p.grad.float()
         version = w.grad._version
     for cb in cbs: st = _update(st, cb(w, **{**st, **hyper}))
+    for k in list(st): st[k] = encode(st[k], p, storage)   # each float32 copy of state goes as it is stored, before the weight's write-back makes its own
     if mode is not None:
         if w.grad._version != version: p.grad.copy_(w.grad)   # a stat changed the gradient in place: so does the weight's own
+        w.grad = None   # nor is the float32 gradient needed any more
         if mode == 'kahan':
             new,comp = kahan_split(w, p.dtype)
             own['weight_comp'] = comp
@@ -159,7 +161,7 @@ def precise_step(
             new = _stochastic(w, bits)
         else: new = w.to(p.dtype)
         p.data.copy_(new)
-    return {**{k: encode(v, p, storage) for k,v in st.items()}, **own}
+    return {**st, **own}
 
 def _stochastic(w:Tensor, bits:Tensor) -> Tensor:
     "`stochastic_round_bf16` on a tensor or DTensor (whose `bits` are this rank's, a plain tensor)"
