@@ -40,7 +40,9 @@ def _accumulate(opt, p:Tensor, group:int):
     w = p.detach().clone()
     w.grad = p.grad
     old = opt.state[p]
-    new, = group_step(opt.cbs, [w], [old], opt.hypers[group], opt.precision, {id(w): opt._positions()[id(p)]})
+    states = {w: old}
+    group_step(opt.cbs, [w], states, opt.hypers[group], opt.precision, {id(w): opt._positions()[id(p)]})
+    new = states[w]
     opt.state[p] = {**{k: v for k,v in new.items() if k not in write_back_state}, **{k: old[k] for k in write_back_state if k in old}}
 
 # %% ../nbs/13_gradient_release.ipynb #327dc10f
