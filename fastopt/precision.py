@@ -10,8 +10,8 @@ from .flat import is_dtensor, write_back_state, _local
 from .lowbit import *
 
 # %% auto #0
-__all__ = ['min_8bit_numel', 'is_quantized', 'quantize', 'dequantize', 'check_state_dtype', 'Precision', 'decode', 'encode',
-           'shard_offset', 'precise_step', 'state_nbytes']
+__all__ = ['min_8bit_numel', 'qchunk', 'is_quantized', 'quantize', 'dequantize', 'check_state_dtype', 'Precision', 'decode',
+           'encode', 'shard_offset', 'precise_step', 'state_nbytes']
 
 # %% ../nbs/00g_precision.ipynb #9e8e0380
 min_8bit_numel = 4096  # a parameter with fewer values (counted over all ranks) keeps its state in float32
@@ -20,12 +20,22 @@ def is_quantized(v) -> bool:
     "Whether state value `v` is 8-bit state: a dict of `codes` (uint8, the parameter's shape) and per-block `scale`"
     return isinstance(v, dict) and v.keys() == {'codes', 'scale'}
 
+qchunk = 4096   # rows (of `QBLOCK` values) that eager quantizing or dequantizing works on at once: its temporaries stay near 10 MB, however large the tensor
+
+def _by_chunks(f, outs:tuple, *rs):
+    "Run row-wise `f` on `qchunk` rows of `rs` at a time, writing its results into `outs`: the same values as one call, with temporaries the size of a chunk"
+    for i in range(0, len(rs[0]), qchunk):
+        res = f(*(r[i:i + qchunk] for r in rs))
+        for o,v in zip(outs, res if isinstance(res, tuple) else (res,)): o[i:i + qchunk] = v
+    return outs
+
 def quantize(
     x:Tensor, # A float state tensor (a DTensor: each rank quantizes its own shard, in blocks that start at the shard)
 ) -> dict:
     "8-bit state: `codes` of `x`'s shape (uint8) and one bfloat16 `scale` per block of `QBLOCK` values in memory order"
     xl = _local(x)
-    codes,scale = quantize_rows(rows(xl))
+    r = rows(xl)
+    codes,scale = _by_chunks(quantize_rows, (torch.empty_like(r, dtype=torch.uint8), r.new_empty(len(r), 1, dtype=torch.bfloat16)), r)
     c = unrows(codes, xl)
     if is_dtensor(x):
         from torch.distributed.tensor import DTensor
@@ -38,7 +48,8 @@ def dequantize(
     "The float32 values 8-bit state `q` stands for, in the shape (and sharding) of its codes"
     c = q['codes']
     cl = _local(c)
-    x = unrows(dequantize_rows(rows(cl), q['scale'].view(-1, 1)), cl)
+    r = rows(cl)
+    x = unrows(_by_chunks(dequantize_rows, (torch.empty_like(r, dtype=torch.float32),), r, q['scale'].view(-1, 1))[0], cl)
     if is_dtensor(c):
         from torch.distributed.tensor import DTensor
         x = DTensor.from_local(x, c.device_mesh, c.placements, shape=c.shape, stride=c.stride(), run_check=False)

@@ -235,3 +235,19 @@ def test_group_added_later_steps_in_low_precision():
     for p in (w, v): p.grad = torch.randn_like(p)
     opt.step()
     assert not torch.equal(v, before) and opt.state[v]['round_count'] == 1
+
+def test_eager_quantizing_works_in_chunks():
+    "Eager quantize/dequantize of a 4M-value tensor give what one quantize_rows/dequantize_rows call gives, with temporaries bounded by `qchunk` rows (a few MB) instead of several times the tensor (about 107 MB in one call)"
+    from fastopt.precision import quantize, dequantize, qchunk
+    from fastopt.lowbit import quantize_rows, dequantize_rows, rows, unrows, QBLOCK
+    from fastopt.release import TensorMemory
+    x = torch.randn(4096, 1000, generator=torch.Generator().manual_seed(0))   # 4,096,000 values: the last block padded
+    with TensorMemory() as before: pass
+    with TensorMemory() as m: q = quantize(x)
+    with TensorMemory() as m2: y = dequantize(q)
+    chunk = qchunk * QBLOCK * 4
+    assert m.peak - before.peak <= x.numel() + 10 * chunk, f"quantize held {(m.peak - before.peak) / 1e6:.1f} MB more"
+    assert m2.peak - m.now <= x.nbytes + 10 * chunk, f"dequantize held {(m2.peak - m.now) / 1e6:.1f} MB more"
+    c,s = quantize_rows(rows(x))
+    assert torch.equal(q['scale'], s.view(-1)) and torch.equal(rows(q['codes'].contiguous()), c)
+    assert torch.equal(y, unrows(dequantize_rows(c, s), x))
