@@ -88,6 +88,8 @@ _handles = weakref.WeakKeyDictionary()   # optimizer: its active `ReleasedGradie
 class ReleasedGradients:
     "The hooks that step `opt` inside backward, from `release_gradients`; `remove()` or the end of a `with` block takes them off"
     def __init__(self, opt):
+        self.wrapper = opt if hasattr(opt, 'fastai_optimizer') and hasattr(opt, '_sync') else None   # a `fastopt.optim` class: torch's param groups over a fastopt optimizer
+        if self.wrapper is not None: opt = opt.fastai_optimizer
         _check_optimizer(opt)
         if opt in _handles: raise RuntimeError("this optimizer's gradients are already released: remove() that handle first")
         self.opt,self.once_per_batch,self._stepped = opt,False,set()
@@ -105,10 +107,22 @@ class ReleasedGradients:
                                    "release has already stepped it with part of it: a weight used inside and outside a reentrant "
                                    "checkpoint (pass use_reentrant=False), or a second backward in one batch")
             self._stepped.add(id(p))
+        if self.wrapper is not None: self._from_wrapper(group, p)
         if getattr(self.opt, 'train_mode', True) is False:
             raise RuntimeError(f"{type(self.opt).__name__} is in eval mode (its parameters hold the averaged weights): call opt.train() before training")
         step_param(self.opt, p, group, update=not self.accumulate)
         p.grad = None
+
+    def _from_wrapper(self, group:int, p:Tensor):
+        "What a `fastopt.optim` class's `step` does first: take its groups' values (a scheduler's), and negate the gradient of a `maximize` group"
+        self.wrapper._sync()
+        new = self.wrapper.fastai_optimizer
+        if new is not self.opt:   # a hyper that was 0 at construction is not any more: the class built its optimizer again
+            _handles.pop(self.opt, None)
+            self.opt,self.fused,new.fused = new,new.fused,False
+            new._forget_layouts()
+            _handles[new] = self
+        if self.wrapper.param_groups[group]['maximize']: p.grad = -p.grad
 
     def new_batch(self):
         "Start a batch in which each parameter may step once (after `once_per_batch = True`)"
@@ -129,7 +143,7 @@ class ReleasedGradients:
     def __exit__(self, *exc): self.remove()
 
 def release_gradients(
-    opt, # A fastopt `Optimizer` whose parameters should step during backward
+    opt, # A fastopt `Optimizer`, or a `fastopt.optim` class, whose parameters should step during backward
 ) -> ReleasedGradients:
     "Step each parameter of `opt` as soon as backward has accumulated its gradient, then free the gradient; returns the handle that ends it"
     return ReleasedGradients(opt)

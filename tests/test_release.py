@@ -341,3 +341,26 @@ def test_learner_optimizer_accumulation():
     assert learn.opt.state[next(learn.model.parameters())]['step'] == n
     for bad in (0, 2.5, True, '4'):
         with pytest.raises(ValueError, match=f"Invalid accumulate: {bad!r}"): GradientRelease(accumulate=bad)
+
+@pytest.mark.parametrize('cls,kw', [('AdamW', dict(lr=1e-2, weight_decay=0.1)), ('SGD', dict(lr=1e-2, momentum=0.))], ids=['AdamW', 'SGD-momentum-later'])
+def test_torch_optim_classes_release(cls, kw):
+    "A `fastopt.optim` class under release_gradients equals it stepping normally, bit for bit: a StepLR schedule, a `maximize` group, and SGD's momentum turned on after construction (the class builds its optimizer again)"
+    import fastopt.optim as O
+    def run(release):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        opt = getattr(O, cls)([{'params': m[0].parameters()}, {'params': m[2].parameters(), 'maximize': True, 'lr': 3e-3}], **kw)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+        handle = release_gradients(opt) if release else None
+        g = torch.Generator().manual_seed(1)
+        for i in range(4):
+            if i == 2 and cls == 'SGD':
+                for pg in opt.param_groups: pg['momentum'] = 0.9
+            m(torch.randn(5, 4, generator=g)).square().mean().backward()
+            if release: assert all(p.grad is None for p in m.parameters())
+            opt.step(); opt.zero_grad(); sched.step()
+        if handle: handle.remove()
+        return [p.detach().clone() for p in m.parameters()], opt
+    (a,_),(b,opt) = run(False),run(True)
+    for i,(p,q) in enumerate(zip(a, b)): assert torch.equal(p, q), f"parameter {i} differs with release"
+    assert opt.fastai_optimizer.fused == 'auto', 'the class did not get its fused setting back'
