@@ -332,7 +332,7 @@ def flat_group_step(
             keys,first = rounding
             count = state['round_count'] + 1
             state['round_count'].copy_(torch.where(live, count, old['round_count']))
-            new = stochastic_round_bf16(w, random_bits(round_key(keys, count), first + torch.arange(BLOCK, device=p.device)))
+            new = stochastic_round_bf16(w, random_bits(round_key(keys, count), first.to(torch.int32) + torch.arange(BLOCK, dtype=torch.int32, device=p.device)))
         else: new = w.to(p.dtype)
         p.copy_(torch.where(live, new, old_p))
         if mode.written: g.copy_(torch.where(live, w.grad.to(g.dtype), old_g))

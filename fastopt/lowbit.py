@@ -95,12 +95,13 @@ def unrows(r:Tensor, like:Tensor) -> Tensor:
 
 # %% ../nbs/00f_lowbit.ipynb #dfd112cb
 def hash_bits(
-    x:Tensor, # int64 values in [0, 2^32)
+    x:Tensor, # int64 values in [0, 2^32), or int32 values (their 32 bits)
 ) -> Tensor:
-    "A 32-bit integer hash of each of `x` (three xor-shift-multiply rounds; its constants are under 2^31, so int64 never overflows)"
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
-    x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
-    return x ^ (x >> 16)
+    "A 32-bit integer hash of each of `x`, in `x`'s dtype (three xor-shift-multiply rounds): int64 keeps the product's low 32 bits by masking, int32 by wrapping around, so both give the same bits"
+    m = 0xFFFFFFFF if x.dtype == torch.int64 else -1
+    x = ((x ^ ((x >> 16) & 0xFFFF)) * 0x45D9F3B) & m   # `& 0xFFFF`: a logical shift, also where int32 holds the top bit as a sign
+    x = ((x ^ ((x >> 16) & 0xFFFF)) * 0x45D9F3B) & m
+    return x ^ ((x >> 16) & 0xFFFF)
 
 def position_key(seed:int, position:int) -> int:
     "The part of a write-back's random key that a parameter keeps: a hash of the seed and the parameter's position in its optimizer"
@@ -115,19 +116,19 @@ def round_key(
 
 def random_bits(
     key:Tensor, # int64 keys from `round_key`, broadcasting against `index`
-    index:Tensor, # int64 positions of the values in their parameter (global over the ranks)
+    index:Tensor, # int64 or int32 positions of the values in their parameter (global over the ranks)
 ) -> Tensor:
-    "32 random bits per value, a pure function of the key and the value's position, so eager, fused and sharded steps draw the same"
-    return hash_bits((key + index * 0x2C1B3C6D) & 0xFFFFFFFF)
+    "32 random bits per value (int32), a pure function of the key and the value's position, so eager, fused and sharded steps draw the same; in int32 because a CPU vectorizes its multiplication, which it does not for int64"
+    return hash_bits(key.to(torch.int32) + index.to(torch.int32) * 0x2C1B3C6D)
 
 # %% ../nbs/00f_lowbit.ipynb #f0e2cb7b
 def stochastic_round_bf16(
     w:Tensor, # float32 values
-    bits:Tensor, # int64 random bits, one per value (the low 16 are used)
+    bits:Tensor, # int32 or int64 random bits, one per value (the low 16 are used)
 ) -> Tensor:
     "`w` rounded to bfloat16, up or down with the probabilities that make the expected result `w`"
-    i = w.view(torch.int32).to(torch.int64) + (bits & 0xFFFF)   # the bits below bfloat16's mantissa plus a uniform 16-bit number: a carry rounds away from zero
-    return (i & ~0xFFFF).to(torch.int32).view(torch.float32).to(torch.bfloat16)
+    i = w.view(torch.int32) + (bits & 0xFFFF).to(torch.int32)   # the bits below bfloat16's mantissa plus a uniform 16-bit number: a carry rounds away from zero
+    return (i & -0x10000).view(torch.float32).to(torch.bfloat16)
 
 # %% ../nbs/00f_lowbit.ipynb #df7c5036
 low_precision = (torch.bfloat16, torch.float16)  # weight dtypes whose small updates need compensation or stochastic rounding

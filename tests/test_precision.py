@@ -251,3 +251,18 @@ def test_eager_quantizing_works_in_chunks():
     c,s = quantize_rows(rows(x))
     assert torch.equal(q['scale'], s.view(-1)) and torch.equal(rows(q['codes'].contiguous()), c)
     assert torch.equal(y, unrows(dequantize_rows(c, s), x))
+
+def test_random_bits_int32_equal_the_int64_hash():
+    "The int32 form of the random bits and of stochastic rounding gives the bits of the int64 form (products masked to 32 bits), across positions past 2^31 and for NaN, infinities and the largest payloads"
+    from fastopt.lowbit import hash_bits, round_key, position_key, random_bits, stochastic_round_bf16
+    key = round_key(position_key(7, 3), torch.tensor([[5.], [9.]], dtype=torch.float64))
+    idx = torch.arange(2**16).view(2, -1) + 2**31 - 100
+    want = hash_bits((key + idx * 0x2C1B3C6D) & 0xFFFFFFFF)   # the int64 form
+    got = random_bits(key, idx)
+    assert got.dtype == torch.int32 and torch.equal(got.to(torch.int64) & 0xFFFFFFFF, want)
+    w = torch.randn(2, 2**15) * torch.logspace(-40, 38, 2**15)
+    w[0, :4] = torch.tensor([float('nan'), float('inf'), -float('inf'), 0.])
+    w[1, :2] = torch.tensor([0x7FFFFFFF, -1], dtype=torch.int32).view(torch.float32)
+    i64 = w.view(torch.int32).to(torch.int64) + (want & 0xFFFF)   # the int64 rounding
+    ref = (i64 & ~0xFFFF).to(torch.int32).view(torch.float32).to(torch.bfloat16)
+    assert torch.equal(stochastic_round_bf16(w, got).view(torch.int16), ref.view(torch.int16))
