@@ -1,6 +1,7 @@
 "Starting and waiting for gloo ranks, shared by the DDP and FSDP2 tests (kept apart from helpers.py, which imports the registry that every rank would then import too)."
-import multiprocessing, time
+import multiprocessing, os, time, traceback
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 # Ranks are forked from one server process per pytest process, which imports these once; a spawned rank imports them
@@ -22,3 +23,16 @@ def join_or_fail(ctx, timeout:float, what:str):
             for p in ctx.processes:
                 if p.is_alive(): p.terminate()
             pytest.fail(f"{what} did not finish within {timeout} s")
+
+def save_rank(out, rank:int, compute):
+    "In a rank: run `compute()` and save the dict it returns, or the traceback it raised, as this rank's results in folder `out`"
+    try: res = compute()
+    except BaseException: res = dict(error=traceback.format_exc())
+    torch.save(res, os.path.join(out, f'rank{rank}.pt'))
+
+def rank_results(out, world:int) -> list:
+    "The results each of `world` ranks saved with `save_rank`, failing the test with the traceback of a rank that raised"
+    res = [torch.load(os.path.join(out, f'rank{r}.pt'), weights_only=False) for r in range(world)]
+    for r,d in enumerate(res):
+        if 'error' in d: pytest.fail(f"rank {r} raised:\n{d['error']}")
+    return res

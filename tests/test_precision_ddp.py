@@ -4,13 +4,12 @@ graph run by aot_eager; inductor's code is checked in test_precision). The ranks
 state after every step: stochastic rounding's bits depend on the seed, the parameter's position and each value's
 index, not on the rank. Rank 0 must equal, bit for bit, one process that averages the two half-batch gradients
 itself (DDP divides each rank's bf16 gradient by 2, exactly, and gloo adds the two halves with one rounding)."""
-import os, traceback
 from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from spawning import start, join_or_fail
+from spawning import start, join_or_fail, save_rank, rank_results
 
 WORLD, STEPS, BS = 2, 4, 8
 MODES = {'kahan': dict(kahan_sum=True), 'stochastic': dict(stochastic_round=True), 'kahan-8bit': dict(state_dtype='8bit')}
@@ -49,20 +48,14 @@ def train(mode, fused, rank=None):
 def _worker(rank, out):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f"file://{out}/store", rank=rank, world_size=WORLD, timeout=timedelta(seconds=300))
-    try:
-        try: res = {c: train(*c, rank=rank) for c in CASES}
-        except BaseException: res = dict(error=traceback.format_exc())
-        torch.save(res, os.path.join(out, f'rank{rank}.pt'))
+    try: save_rank(out, rank, lambda: {c: train(*c, rank=rank) for c in CASES})
     finally: dist.destroy_process_group()
 
 @pytest.fixture(scope='module')
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp('precision-ddp')
     join_or_fail(start(_worker, (str(out),), WORLD), 300, 'the DDP ranks running the precision modes')
-    res = [torch.load(out/f'rank{r}.pt', weights_only=False) for r in range(WORLD)]
-    for r,d in enumerate(res):
-        if 'error' in d: pytest.fail(f"rank {r} raised:\n{d['error']}")
-    return res
+    return rank_results(out, WORLD)
 
 def _tensors(sd):
     "Every tensor in an optimizer state dict's per-parameter state (8-bit codes and scales included), with where it is"

@@ -6,12 +6,12 @@ whole parameter, not in the shard), and 8-bit state of a parameter whose shards 
 each rank quantizes its own blocks, so the codes differ from one process's in the two blocks around the boundary:
 that parameter is compared within 8-bit quantization error instead. Lamb's per-tensor norm is all-reduced, so its
 weights agree within a bf16 unit rather than bit for bit."""
-import os, time, traceback
+import os
 from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from spawning import start, join_or_fail
+from spawning import start, join_or_fail, save_rank, rank_results
 
 SHAPES = [(96, 64), (7, 1000), (12,)]
 CASES = [('Adam', dict()), ('Adam', dict(stochastic_round=True)), ('Adam', dict(state_dtype='8bit')), ('Lamb', dict(state_dtype='8bit'))]
@@ -98,22 +98,17 @@ def _worker(rank, world, out):
     try:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh('cpu', (world,))
-        try:
+        def compute():
             res = {f'{n} {m}': run(n, m, mesh) for n,m in CASES}
-            res['ckpt'] = checkpoint_roundtrip(os.path.join(out, 'ckpt'))
-            res['ckpt_path'] = os.path.join(out, 'ckpt')
-        except BaseException: res = dict(error=traceback.format_exc())
-        torch.save(res, os.path.join(out, f'rank{rank}.pt'))
+            return {**res, 'ckpt': checkpoint_roundtrip(os.path.join(out, 'ckpt')), 'ckpt_path': os.path.join(out, 'ckpt')}
+        save_rank(out, rank, compute)
     finally: dist.destroy_process_group()
 
 @pytest.fixture(scope='module')
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp('precision-fsdp')
     join_or_fail(start(_worker, (2, str(out)), 2), 300, 'the 2 ranks running the precision modes')
-    res = [torch.load(out/f'rank{r}.pt', weights_only=False) for r in range(2)]
-    for r,d in enumerate(res):
-        if 'error' in d: pytest.fail(f"rank {r} raised:\n{d['error']}")
-    return res
+    return rank_results(out, 2)
 
 @pytest.mark.parametrize('name,modes', CASES, ids=[f'{n}-{m}' for n,m in CASES])
 def test_sharded_modes_equal_one_process(sharded, name, modes):
