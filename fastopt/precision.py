@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 from torch import Tensor
+from fastai.optimizer import _update
 from .flat import is_dtensor, write_back_state, _local
 from .lowbit import *
 
@@ -146,7 +147,6 @@ def precise_step(
     position:int, # `p`'s position in its optimizer (stochastic rounding's random bits depend on it)
 ) -> dict:
     "Step `p` through float32 working copies of its weight, gradient and state, then store them as `prec` says; return the new state"
-    from fastai.optimizer import _update
     mode,storage = prec.weights(p),prec.storage(p)
     own = {k: state[k] for k in write_back_state if k in state}
     st = {k: decode(v) for k,v in state.items() if k not in write_back_state}

@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_flatten
 from fastai.callback.core import Callback
 from .core import group_step
-from .flat import is_dtensor, write_back_state
+from .flat import is_dtensor, write_back_state, _check_dense_grad
 
 # %% auto #0
 __all__ = ['known_release_safe', 'step_param', 'ReleasedGradients', 'release_gradients', 'GradientRelease', 'TensorMemory',
@@ -28,8 +28,7 @@ def step_param(
     update:bool=True, # False: optimizer accumulation, the state takes the gradient in and the weight stays as it is
 ):
     "Step `p` alone, eagerly, with its group's hypers as they are now: what `Optimizer.step_group` does to each parameter of an eager group"
-    if p.grad.layout != torch.strided:
-        raise RuntimeError(f"fastopt optimizers do not support sparse gradients (parameter of shape {tuple(p.shape)}, gradient {p.grad.layout})")
+    _check_dense_grad(p)
     if update: opt._run(group_step, [p], opt.hypers[group])
     else: _accumulate(opt, p, group)
     opt._seen.add(id(p))
